@@ -48,6 +48,11 @@ from ._flows import (
 from ._flows import (
     ReducedFlow as ReducedFlow,
 )
+from ._results import open_results as open_results
 from ._simulate import Status as Status
 from ._simulate import Trajectory as Trajectory
 from ._simulate import simulate as simulate
+from ._spec import SpecError as SpecError
+from ._spec import SweepSpec as SweepSpec
+from ._sweep import summary as summary
+from ._sweep import sweep as sweep

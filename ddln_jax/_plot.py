@@ -44,3 +44,74 @@ def plot_trajectories(trajectories: dict, path=None, *, title: str | None = None
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def _ffill_time(da):
+    """Carry the last value forward along `time` (no bottleneck/numbagg needed)."""
+    axis = da.dims.index("time")
+    v = np.moveaxis(da.values, axis, -1)
+    idx = np.where(np.isnan(v), 0, np.arange(v.shape[-1]))
+    idx = np.maximum.accumulate(idx, axis=-1)
+    filled = np.take_along_axis(v, idx, axis=-1)
+    return da.copy(data=np.moveaxis(filled, -1, axis))
+
+
+def plot_sweep(ds, out_dir) -> list:
+    """The figures of a sweep: loss curves by depth and α, and time-to-ε against α.
+
+    **Arguments:**
+
+    - `ds`: the dataset returned by [`ddln_jax.sweep`][] (or `open_results`).
+    - `out_dir`: directory for `loss_curves.png` and `time_to_eps.png`.
+
+    **Returns:** the paths written.
+    """
+    from pathlib import Path
+
+    import matplotlib.cm as cm
+
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    depths = [int(L) for L in ds.depth.values]
+    alphas = ds.alpha.values
+    colors = cm.viridis(np.linspace(0.05, 0.95, len(alphas)))
+    other = [d for d in ("problem", "shape", "seed") if d in ds["loss"].dims]
+    paths = []
+
+    fig, axes = plt.subplots(1, len(depths), figsize=(4.2 * len(depths), 3.6), sharey=True,
+                             squeeze=False)
+    for ax, L in zip(axes[0], depths):
+        for a, c in zip(alphas, colors):
+            sub = ds.sel(depth=L, alpha=a)
+            # A run stopped at its threshold keeps that value afterwards (for the median).
+            rel = _ffill_time(sub["loss"] / sub["f0"]).median(dim=other, skipna=True)
+            ax.semilogy(ds.time.values, rel.values, color=c, label=f"α={a:.3g}")
+        ax.set(title=f"L = {L}", xlabel="t")
+    axes[0, 0].set_ylabel("f(θ(t)) / f(θ0)  (median over draws)")
+    axes[0, -1].legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "loss_curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    if "time_to_eps" in ds and np.isfinite(ds.attrs.get("stop_ratio", np.nan)):
+        for k, L in enumerate(depths):
+            med = ds["time_to_eps"].sel(depth=L).median(dim=other, skipna=True)
+            ax.loglog(alphas, med.values, "o-", color=f"C{k}", label=f"L = {L}")
+        ax.set(xlabel="α", ylabel=f"time to f ≤ {ds.attrs['stop_ratio']:g}·f(θ0)",
+               title="time to ε against init scale")
+    else:
+        for k, L in enumerate(depths):
+            med = ds["loss_final"].sel(depth=L).median(dim=other, skipna=True)
+            ax.loglog(alphas, med.values, "o-", color=f"C{k}", label=f"L = {L}")
+        ax.set(xlabel="α", ylabel="final loss", title="final loss against init scale")
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / "time_to_eps.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+    return paths

@@ -1,4 +1,12 @@
-import jax
+import os
+import tempfile
+
+# Compiled programs are reused across test processes (the sweep tests start subprocesses that
+# compile what the suite compiled already): JIT compilation dominates the suite's time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ddln_jax_jit_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+import jax  # noqa: E402
 
 # Tolerances of 1e-8 and below need float64 (DESIGN.md). Tests opt in here, never the library.
 jax.config.update("jax_enable_x64", True)

@@ -1,0 +1,495 @@
+"""The batch engine: many runs of one (depth, problem), with lanes kept busy.
+
+A plain `jax.vmap(diffeqsolve)` steps every lane until the slowest lane is done. Here each of
+`lanes` lanes steps its own run with a diffrax solver and PID controller (the same
+`solver.step` / `controller.adapt_step_size` that `diffeqsolve` uses), and a lane whose run
+ends takes the next run from a queue. Runs are dealt hardest first (longest-processing-time
+scheduling), so the lanes run out of work at nearly the same time.
+
+Save times are hit exactly: a step that would pass the next save time is clipped to it. The
+loss threshold (`targets`) is located inside the step that crossed it by regula falsi on the
+solver's dense interpolation. Every run ends with a `Status`; a failed run never stops the
+others. The loop runs in rounds of `round_steps` steps so that the host can report progress.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._flows import AbstractFormulation
+from ._geometry import Geometry
+from ._simulate import _NONFINITE_STREAK, Status
+
+_PENDING = -1  # a job not finished yet / a lane without a job
+_UNSTARTED = -2  # a lane before its first job (the first iteration hands them out)
+_ROOT_ITERS = 60
+
+
+class EngineConfig(eqx.Module):
+    """Static description of one compiled engine (hashable)."""
+
+    formulation: AbstractFormulation
+    solver: dfx.AbstractSolver
+    lanes: int
+    n_save: int
+    stop: bool
+    bregman: bool
+    round_steps: int
+
+
+class EngineData(eqx.Module):
+    """The runs of one engine call (arrays; one compiled program serves any values)."""
+
+    loss: eqx.Module
+    u0: jax.Array  # (J, L, d), in queue order
+    targets: jax.Array  # (J,) loss thresholds (unused without `stop`)
+    n_jobs: jax.Array  # number of real jobs in the queue (≤ J; the rest is padding)
+    ts: jax.Array  # (n_save,)
+    t1: jax.Array
+    rtol: jax.Array
+    atol: jax.Array
+    theta_star: jax.Array  # (d,) reference point of the Bregman divergence
+    max_steps: jax.Array  # step budget of each run
+
+
+class Lanes(eqx.Module):
+    job: jax.Array
+    t: jax.Array
+    dt: jax.Array
+    y: jax.Array
+    solver_state: object
+    ctrl_state: object
+    k: jax.Array
+    steps: jax.Array
+    rejected: jax.Array
+    streak: jax.Array
+    drift: jax.Array
+    geom: Geometry
+
+
+class Outputs(eqx.Module):
+    theta: jax.Array  # (J, n_save, d)
+    loss: jax.Array  # (J, n_save)
+    bregman: jax.Array  # (J, n_save)
+    theta_final: jax.Array
+    loss_final: jax.Array
+    t_final: jax.Array
+    status: jax.Array
+    steps: jax.Array
+    rejected: jax.Array
+    drift: jax.Array
+
+
+class Carry(eqx.Module):
+    lanes: Lanes
+    out: Outputs
+    next_job: jax.Array
+    iterations: jax.Array
+    busy: jax.Array  # Σ over iterations of the number of lanes with a run
+
+
+def _controller(data):
+    return dfx.PIDController(rtol=data.rtol, atol=data.atol)
+
+
+def _term(config):
+    return dfx.ODETerm(config.formulation.vector_field)
+
+
+def _observe(config, data, geom, y):
+    """θ, f(θ), D_Q(θ*, θ) and the drift of the conserved gaps at a state."""
+    form = config.formulation
+    theta = form.theta(geom, y)
+    loss = data.loss(theta)
+    if config.bregman:
+        breg = geom.bregman(data.theta_star, theta)
+    else:
+        breg = jnp.zeros((), theta.dtype)
+    u = form.layers(geom, y)
+    sq = u**2
+    gaps = sq - jnp.take_along_axis(sq, geom.m[None], axis=0)
+    drift = jnp.max(jnp.abs(gaps - geom.delta_full))
+    return theta, loss, breg, drift
+
+
+def _record(out, jobs, ks, mask, theta, loss, breg):
+    """Write the saves of the lanes in `mask` at (job, k); others are dropped."""
+    J = out.loss.shape[0]
+    rows = jnp.where(mask, jobs, J)
+    return eqx.tree_at(
+        lambda o: (o.theta, o.loss, o.bregman),
+        out,
+        (
+            out.theta.at[rows, ks].set(theta, mode="drop"),
+            out.loss.at[rows, ks].set(loss, mode="drop"),
+            out.bregman.at[rows, ks].set(breg, mode="drop"),
+        ),
+    )
+
+
+def _start(config, data, job):
+    """A lane at the start of run `job`."""
+    form = config.formulation
+    u0 = data.u0[job]
+    geom = Geometry(u0)
+    y0 = form.initial_state(geom, u0)
+    args = (data.loss, geom)
+    term = _term(config)
+    t0 = jnp.zeros((), data.t1.dtype)
+    ctrl = _controller(data)
+    err_order = config.solver.error_order(term)
+    t_next, ctrl_state = ctrl.init(term, t0, data.t1, y0, None, args, config.solver.func, err_order)
+    solver_state = config.solver.init(term, t0, t_next, y0, args)
+    _, _, _, drift = _observe(config, data, geom, y0)
+    zero = jnp.zeros((), jnp.int32)
+    return Lanes(
+        job=job, t=t0, dt=t_next - t0, y=y0, solver_state=solver_state, ctrl_state=ctrl_state,
+        k=zero, steps=zero, rejected=zero, streak=zero, drift=drift, geom=geom,
+    )
+
+
+def _where_lanes(mask, new, old):
+    def pick(a, b):
+        if not eqx.is_array(a):
+            return a
+        m = mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim))
+        return jnp.where(m, a, b)
+
+    return jax.tree_util.tree_map(pick, new, old)
+
+
+def _refill(config, data, carry, finished):
+    """Hand the next runs of the queue to the lanes in `finished` (and save at t = 0)."""
+    lanes, out = carry.lanes, carry.out
+    order = jnp.cumsum(finished.astype(jnp.int32), dtype=jnp.int32) - 1
+    new_job = carry.next_job + order
+    valid = finished & (new_job < data.n_jobs)
+    job = jnp.where(valid, new_job, 0)
+    fresh = jax.vmap(lambda j: _start(config, data, j))(job)
+    lanes = _where_lanes(valid, fresh, lanes)
+    lanes = eqx.tree_at(lambda l: l.job, lanes, jnp.where(finished & ~valid, _PENDING, lanes.job))
+    # A save time at t = 0 is recorded when the run starts.
+    at_zero = valid & (data.ts[0] == 0)
+    theta, loss, breg, _ = jax.vmap(lambda g, y: _observe(config, data, g, y))(lanes.geom, lanes.y)
+    out = _record(out, lanes.job, jnp.zeros_like(lanes.k), at_zero, theta, loss, breg)
+    lanes = eqx.tree_at(lambda l: l.k, lanes, jnp.where(at_zero, 1, lanes.k))
+    next_job = carry.next_job + jnp.sum(finished, dtype=jnp.int32)
+    return Carry(lanes, out, jnp.minimum(next_job, data.n_jobs), carry.iterations, carry.busy)
+
+
+def _attempt(config, data, lane: Lanes):
+    """One step attempt of one lane; returns the lane after it and what happened."""
+    term = _term(config)
+    args = (data.loss, lane.geom)
+    n_save = config.n_save
+    t_save = jnp.where(lane.k < n_save, data.ts[jnp.minimum(lane.k, n_save - 1)], data.t1)
+    t_want = lane.t + lane.dt
+    t_end = jnp.minimum(jnp.minimum(t_want, t_save), data.t1)
+    clipped = t_end < t_want
+    y1, y_err, dense, solver_state1, _ = config.solver.step(
+        term, lane.t, t_end, lane.y, args, lane.solver_state, False
+    )
+    ctrl = _controller(data)
+    err_order = config.solver.error_order(term)
+    keep, nt0, nt1, _, ctrl_state1, _ = ctrl.adapt_step_size(
+        lane.t, t_end, lane.y, y1, args, y_err, err_order, lane.ctrl_state
+    )
+    finite = jnp.all(jnp.isfinite(y1)) & jnp.all(jnp.isfinite(y_err))
+    keep = keep & finite
+    dt = jnp.where(finite, nt1 - nt0, 0.2 * (t_end - lane.t))
+    # After a step shortened to hit a save time, do not let the short step shrink the next one.
+    dt = jnp.where(keep & clipped, jnp.maximum(dt, lane.dt), dt)
+    pick = lambda new, old: _where_lanes(keep, new, old)
+    ctrl_state = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(finite, a, b) if eqx.is_array(a) else a, ctrl_state1, lane.ctrl_state
+    )
+    if config.stop:
+        # One extra product with X per step: the price of locating the threshold exactly.
+        loss1 = data.loss(config.formulation.theta(lane.geom, y1))
+        crossed = keep & (loss1 <= data.targets[lane.job])
+    else:
+        crossed = jnp.zeros((), bool)
+    saved = keep & ~crossed & (t_end == t_save) & (lane.k < n_save)
+    new = Lanes(
+        job=lane.job,
+        t=jnp.where(keep, t_end, lane.t),
+        dt=dt,
+        y=pick(y1, lane.y),
+        solver_state=pick(solver_state1, lane.solver_state),
+        ctrl_state=ctrl_state,
+        k=lane.k,
+        steps=lane.steps + 1,
+        rejected=lane.rejected + (~keep).astype(jnp.int32),
+        streak=jnp.where(finite, 0, lane.streak + 1),
+        drift=lane.drift,
+        geom=lane.geom,
+    )
+    event = {"t0": lane.t, "t1": t_end, "dense": dense}
+    return new, saved, crossed, event
+
+
+def _locate(config, data, lanes, crossed, event):
+    """Times and states where f(θ) crosses the target inside the crossing steps (regula
+    falsi, Illinois variant, on the dense interpolant)."""
+    form = config.formulation
+    interp_cls = config.solver.interpolation_cls
+
+    def one(lane, ev, on):
+        interp = interp_cls(t0=ev["t0"], t1=ev["t1"], **ev["dense"])
+        target = data.targets[lane.job]
+
+        def h(s):
+            theta = form.theta(lane.geom, interp.evaluate(s))
+            return data.loss(theta) - target
+
+        def body(_, c):
+            a, fa, b, fb, side = c
+            s = jnp.where(fa != fb, (a * fb - b * fa) / (fb - fa), 0.5 * (a + b))
+            s = jnp.clip(s, jnp.minimum(a, b), jnp.maximum(a, b))
+            fs = h(s)
+            left = fs > 0  # the root lies in [s, b]
+            a2, fa2 = jnp.where(left, s, a), jnp.where(left, fs, fa)
+            b2, fb2 = jnp.where(left, b, s), jnp.where(left, fb, fs)
+            # Illinois: halve the value at the end point that stayed twice in a row.
+            fb2 = jnp.where(left & (side == 1), 0.5 * fb2, fb2)
+            fa2 = jnp.where(~left & (side == -1), 0.5 * fa2, fa2)
+            return a2, fa2, b2, fb2, jnp.where(left, 1, -1)
+
+        a, b = ev["t0"], ev["t1"]
+        fa = jnp.where(on, h(a), 1.0)
+        fb = jnp.where(on, h(b), -1.0)
+        a, fa, b, fb, _ = jax.lax.fori_loop(0, _ROOT_ITERS, body, (a, fa, b, fb, 0))
+        s = jnp.where(jnp.abs(fa) < jnp.abs(fb), a, b)
+        return s, interp.evaluate(s)
+
+    return jax.vmap(one)(lanes, event, crossed)
+
+
+def _finish(config, data, carry, done, status, t_final, y_final):
+    out = carry.out
+    lanes = carry.lanes
+    J = out.loss.shape[0]
+    rows = jnp.where(done & (lanes.job >= 0), lanes.job, J)
+    theta, loss, _, _ = jax.vmap(lambda g, y: _observe(config, data, g, y))(lanes.geom, y_final)
+    setter = lambda arr, val: arr.at[rows].set(val, mode="drop")
+    out = Outputs(
+        theta=out.theta, loss=out.loss, bregman=out.bregman,
+        theta_final=setter(out.theta_final, theta), loss_final=setter(out.loss_final, loss),
+        t_final=setter(out.t_final, t_final), status=setter(out.status, status),
+        steps=setter(out.steps, lanes.steps), rejected=setter(out.rejected, lanes.rejected),
+        drift=setter(out.drift, lanes.drift),
+    )
+    return eqx.tree_at(lambda c: c.out, carry, out)
+
+
+def _iteration(config, data, carry):
+    lanes = carry.lanes
+    active = lanes.job >= 0
+    new, saved, crossed, event = jax.vmap(lambda l: _attempt(config, data, l))(lanes)
+    new = _where_lanes(active, new, lanes)
+    saved, crossed = saved & active, crossed & active
+
+    def save(args):
+        new, out = args
+        theta, loss, breg, drift = jax.vmap(lambda g, y: _observe(config, data, g, y))(
+            new.geom, new.y
+        )
+        out = _record(out, new.job, new.k, saved, theta, loss, breg)
+        new = eqx.tree_at(
+            lambda l: (l.k, l.drift),
+            new,
+            (new.k + saved.astype(jnp.int32), jnp.where(saved, jnp.maximum(new.drift, drift), new.drift)),
+        )
+        return new, out
+
+    # Saves are rare next to steps: observe θ, f and the gaps only when some lane saves.
+    new, out = jax.lax.cond(jnp.any(saved), save, lambda a: a, (new, carry.out))
+    carry = Carry(new, out, carry.next_job, carry.iterations + 1,
+                  carry.busy + jnp.sum(active, dtype=jnp.int32))
+
+    if config.stop:
+        t_ev, y_ev = jax.lax.cond(
+            jnp.any(crossed),
+            lambda: _locate(config, data, lanes, crossed, event),
+            lambda: (new.t, new.y),
+        )
+    else:
+        t_ev, y_ev = new.t, new.y
+    lanes = carry.lanes
+    success = active & (lanes.t >= data.t1) & (lanes.k >= config.n_save)
+    nonfinite = active & (lanes.streak >= _NONFINITE_STREAK)
+    max_steps = active & (lanes.steps >= data.max_steps)
+    done = crossed | success | nonfinite | max_steps | (lanes.job == _UNSTARTED)
+    status = jnp.select(
+        [crossed, success, nonfinite, max_steps],
+        [Status.EVENT, Status.SUCCESS, Status.NONFINITE, Status.MAX_STEPS],
+        Status.FAILED,
+    ).astype(jnp.int32)
+    t_final = jnp.where(crossed, t_ev, lanes.t)
+    y_final = _where_lanes(crossed, y_ev, lanes.y)
+
+    def end_runs(carry):
+        carry = _finish(config, data, carry, done, status, t_final, y_final)
+        return _refill(config, data, carry, done)
+
+    return jax.lax.cond(jnp.any(done), end_runs, lambda c: c, carry)
+
+
+def _empty(config, data):
+    """The carry before the first iteration: no compiled start-up, only shapes."""
+    J, L, d = data.u0.shape
+    n = config.n_save
+    dtype = data.u0.dtype
+    nan = lambda *s: jnp.full(s, jnp.nan, dtype)
+    out = Outputs(
+        theta=nan(J, n, d), loss=nan(J, n), bregman=nan(J, n), theta_final=nan(J, d),
+        loss_final=nan(J), t_final=nan(J), status=jnp.full(J, _PENDING, jnp.int32),
+        steps=jnp.zeros(J, jnp.int32), rejected=jnp.zeros(J, jnp.int32), drift=nan(J),
+    )
+    shapes = jax.eval_shape(lambda: _start(config, data, jnp.zeros((), jnp.int32)))
+    lanes = jax.tree_util.tree_map(
+        lambda x: jnp.zeros((config.lanes,) + x.shape, x.dtype), shapes
+    )
+    lanes = eqx.tree_at(lambda l: l.job, lanes, jnp.full(config.lanes, _UNSTARTED, jnp.int32))
+    zero = jnp.zeros((), jnp.int32)
+    return Carry(lanes, out, zero, zero, zero)
+
+
+def engine_start(config: EngineConfig, data: EngineData) -> Carry:
+    return _empty(config, data)
+
+
+@eqx.filter_jit
+def engine_round(config: EngineConfig, data: EngineData, carry: Carry) -> Carry:
+    """Up to `round_steps` iterations (fewer if every run ends)."""
+    start = carry.iterations
+
+    def cond(c):
+        return jnp.any(c.lanes.job != _PENDING) & (c.iterations - start < config.round_steps)
+
+    return jax.lax.while_loop(cond, lambda c: _iteration(config, data, c), carry)
+
+
+def _shard_map():
+    try:
+        from jax import shard_map  # jax ≥ 0.6
+
+        return lambda f, mesh, i, o: shard_map(f, mesh=mesh, in_specs=i, out_specs=o, check_vma=False)
+    except ImportError:  # pragma: no cover - older jax
+        from jax.experimental.shard_map import shard_map
+
+        return lambda f, mesh, i, o: shard_map(f, mesh, in_specs=i, out_specs=o, check_rep=False)
+
+
+def _global(x, sharding):
+    """A global array from a host array that every process can build (multi-host safe)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+class _Sharded:
+    """The engine on several devices: each device runs its own lanes on its own share of
+    the queue (no communication), and the host loops until every device is done."""
+
+    def __init__(self, config, data, devices):
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        D = len(devices)
+        mesh = Mesh(np.asarray(devices), ("dev",))
+        split, whole = NamedSharding(mesh, P("dev")), NamedSharding(mesh, P())
+        local = {"u0": data.u0, "targets": data.targets, "n_jobs": data.n_jobs}
+        self.local = {k: _global(v, split) for k, v in local.items()}
+        shared = eqx.tree_at(lambda d: (d.u0, d.targets, d.n_jobs), data, (None, None, None))
+        self.shared = jax.tree_util.tree_map(
+            lambda x: _global(x, whole) if eqx.is_array(x) else x, shared
+        )
+        smap = _shard_map()
+        squeeze = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)
+        expand = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], t)
+
+        def with_data(local, shared):
+            local = squeeze(local)
+            return eqx.tree_at(
+                lambda d: (d.u0, d.targets, d.n_jobs), shared,
+                (local["u0"], local["targets"], local["n_jobs"]),
+                is_leaf=lambda x: x is None,
+            )
+
+        def start(local, shared):
+            return expand(_empty(config, with_data(local, shared)))
+
+        def round_(local, shared, carry):
+            return expand(engine_round(config, with_data(local, shared), squeeze(carry)))
+
+        dyn = eqx.filter(self.shared, eqx.is_array)
+        self._static = eqx.filter(self.shared, eqx.is_array, inverse=True)
+        spec_shared = jax.tree_util.tree_map(lambda _: P(), dyn)
+        combine = lambda d: eqx.combine(d, self._static)
+        self._start = jax.jit(smap(lambda l, d: start(l, combine(d)), mesh, (P("dev"), spec_shared), P("dev")))
+        self._round = jax.jit(
+            smap(lambda l, d, c: round_(l, combine(d), c), mesh, (P("dev"), spec_shared, P("dev")), P("dev"))
+        )
+        self._dyn = dyn
+        self.devices = D
+
+    def start(self):
+        return self._start(self.local, self._dyn)
+
+    def round(self, carry):
+        return self._round(self.local, self._dyn, carry)
+
+
+def run_engine(
+    config: EngineConfig,
+    data: EngineData,
+    *,
+    devices=None,
+    on_round: Callable[[int], None] | None = None,
+) -> tuple[Outputs, dict]:
+    """Run every job of `data` to its end; returns per-job outputs and engine statistics.
+
+    With several `devices`, `data.u0`, `data.targets` and `data.n_jobs` carry a leading device
+    axis (one queue per device) and so do the outputs; `config.lanes` is per device.
+    """
+    if devices is not None and len(devices) > 1:
+        engine = _Sharded(config, data, devices)
+        carry = engine.start()
+        step = engine.round
+    else:
+        carry = engine_start(config, data)
+        step = lambda c: engine_round(config, data, c)
+    n_jobs = np.asarray(data.n_jobs)
+    while True:
+        carry = step(carry)
+        status = np.asarray(carry.out.status)
+        if on_round is not None:
+            on_round(int(np.sum(status != _PENDING)))
+        if not bool(np.any(np.asarray(carry.lanes.job) != _PENDING)):
+            break
+    iterations = int(np.max(np.asarray(carry.iterations)))
+    executed = int(np.sum(np.asarray(carry.iterations))) * config.lanes
+    useful = int(np.sum(np.asarray(carry.out.steps)))
+    stats = {
+        "iterations": iterations,
+        "lanes": config.lanes * (1 if devices is None else len(devices)),
+        "lane_steps_executed": executed,
+        "lane_steps_useful": useful,
+        "lane_efficiency": useful / executed if executed else math.nan,
+        "jobs": int(np.sum(n_jobs)),
+    }
+    return jax.tree_util.tree_map(np.asarray, carry.out), stats
+
+
+def difficulty(u0: np.ndarray) -> np.ndarray:
+    """A cheap proxy for how many steps a run needs: the init's scale ‖u0‖ (stiffness grows
+    with it). Used to deal the hardest runs first."""
+    u0 = np.asarray(u0)
+    return np.sqrt(np.mean(u0.reshape(u0.shape[0], -1) ** 2, axis=1))

@@ -1,0 +1,361 @@
+"""Sweeps: initializations × depths × problems as a labeled dataset, chunk by chunk.
+
+Each depth is its own compiled engine (shapes change with L); each (depth, problem) pair is
+split into chunks of runs, dealt hardest first to the lanes of the engine; each finished
+chunk is written to disk before the next starts, so an interrupted sweep resumes where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+from pathlib import Path
+
+import diffrax as dfx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+
+from ._engine import EngineConfig, EngineData, difficulty, run_engine
+from ._flows import as_formulation
+from ._init import check_assumption_a
+from ._problems import Problem, make_problem
+from ._results import ResultStore, load_dataset
+from ._simulate import Status
+from ._spec import SpecError, SweepSpec
+
+_SOLVERS = {
+    "tsit5": dfx.Tsit5,
+    "dopri5": dfx.Dopri5,
+    "dopri8": dfx.Dopri8,
+    "bosh3": dfx.Bosh3,
+    "heun": dfx.Heun,
+}
+# Device memory allowed for one chunk's saved trajectories (θ at every save time).
+_CHUNK_BYTES = 512 * 2**20
+JOB_DIMS = ("depth", "problem", "shape", "alpha", "seed")
+
+
+def as_spec(spec) -> SweepSpec:
+    if isinstance(spec, SweepSpec):
+        return spec
+    if isinstance(spec, dict):
+        return SweepSpec.from_dict(spec)
+    if isinstance(spec, (str, Path)):
+        return SweepSpec.load(spec)
+    raise TypeError(f"`spec` must be a SweepSpec, a dict or a path to a TOML file, got {type(spec).__name__}")
+
+
+def make_init(scheme: str, L: int, d: int, alpha: float, seed: int, shape: float) -> np.ndarray:
+    """The init of one run: `scheme` at scale α, first layer scaled by `shape`.
+
+    Gaussian inits of one seed share their direction across α (u = α·v with v ~ N(0, 1) from
+    the seed and the depth), so an α grid is an exact rescaling of one draw.
+    """
+    if scheme == "gaussian":
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), L)
+        u = alpha * np.asarray(jax.random.normal(key, (L, d), dtype=jnp.float64))
+    elif scheme == "zero_first":
+        u = np.full((L, d), alpha)
+        u[0] = 0.0
+    else:
+        u = np.full((L, d), alpha)
+    u[0] *= shape
+    return u
+
+
+def _jobs(spec: SweepSpec):
+    seeds = spec.init.seeds if spec.init.scheme == "gaussian" else spec.init.seeds[:1]
+    return [(s, a, k) for s in spec.init.shape for a in spec.init.alpha for k in seeds]
+
+
+def _versions():
+    out = {}
+    for pkg in ("ddln_jax", "jax", "jaxlib", "diffrax", "equinox", "xarray", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+            out[pkg] = "unknown"
+    return out
+
+
+def _c0(u0: np.ndarray) -> float:
+    """c0 = min_i ∏_{j≠m} δ_{j,i} (g ≥ c0 along the flow; MATH.md §5.4)."""
+    if u0.shape[0] == 1:
+        return 1.0
+    sq = np.sort(u0**2, axis=0)
+    return float(np.min(np.prod(sq[1:] - sq[:1], axis=0)))
+
+
+def _problems_dataset(spec, problems: list[Problem]) -> xr.Dataset:
+    losses = [p.loss() for p in problems]
+    f_star = [lo.minimum() for lo in losses]
+    pl = [lo.pl_constant() for lo in losses]
+    return xr.Dataset(
+        {
+            "X": (("problem", "row", "coord"), np.stack([p.X for p in problems])),
+            "y": (("problem", "row"), np.stack([p.y for p in problems])),
+            "theta_star": (("problem", "coord"), np.stack([p.theta_star for p in problems])),
+            "theta_min": (("problem", "coord"), np.stack([p.theta_min for p in problems])),
+            "f_star": (("problem",), np.array([np.nan if f is None else f for f in f_star], float)),
+            "pl_mu": (("problem",), np.array([np.nan if m is None else m for m in pl], float)),
+        },
+        coords={"problem": list(spec.problem.seeds)},
+    )
+
+
+def _check_inits(spec: SweepSpec, d: int) -> tuple[bool, str]:
+    """Refuse inits that the formulation cannot handle; say whether D_Q can be recorded."""
+    needs_a = as_formulation(spec.run.formulation).needs_assumption_a
+    ok_all = True
+    for L in spec.run.depths:
+        for shape, alpha, seed in _jobs(spec):
+            u0 = make_init(spec.init.scheme, L, d, alpha, seed, shape)
+            if not check_assumption_a(u0).holds:
+                if needs_a:
+                    raise SpecError(
+                        f"{spec.source}: [init]: the {spec.init.scheme!r} init (depth {L}, "
+                        f"α={alpha:g}, shape={shape:g}) violates Assumption A, which "
+                        f"formulation {spec.run.formulation!r} needs; use 'reduced'"
+                    )
+                ok_all = False
+    if spec.problem.kind == "logistic":
+        return False, "not recorded: logistic loss has no minimizer"
+    if not ok_all:
+        return False, "not recorded: some inits violate Assumption A (Q undefined)"
+    return True, "D_Q(theta_min, theta(t))"
+
+
+def _chunks(order: np.ndarray, size: int) -> list[np.ndarray]:
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _chunk_dataset(spec, L, p_seed, jobs, idx, out, stats, f0, c0, bregman) -> xr.Dataset:
+    ts = spec.save_times
+    status = out.status
+    t_final = out.t_final
+    data = {
+        "depth": ("run", np.full(len(idx), L)),
+        "problem": ("run", np.full(len(idx), p_seed)),
+        "shape": ("run", np.array([jobs[i][0] for i in idx], float)),
+        "alpha": ("run", np.array([jobs[i][1] for i in idx], float)),
+        "seed": ("run", np.array([jobs[i][2] for i in idx])),
+        "status": ("run", status.astype(np.int32)),
+        "steps": ("run", out.steps.astype(np.int64)),
+        "rejected_steps": ("run", out.rejected.astype(np.int64)),
+        "t_final": ("run", t_final),
+        "time_to_eps": ("run", np.where(status == Status.EVENT, t_final, np.nan)),
+        "loss_final": ("run", out.loss_final),
+        "f0": ("run", f0),
+        "c0": ("run", c0),
+        "conservation_drift": ("run", out.drift),
+        "loss": (("run", "time"), out.loss),
+        "theta": (("run", "time", "coord"), out.theta),
+        "theta_final": (("run", "coord"), out.theta_final),
+    }
+    if bregman:
+        data["bregman"] = (("run", "time"), out.bregman)
+    ds = xr.Dataset(data, coords={"time": ts})
+    ds.attrs.update({k: float(v) if isinstance(v, float) else int(v) for k, v in stats.items()})
+    return ds
+
+
+def _run_chunk(spec, config, loss, u0, targets, theta_min, devices, size, on_jobs):
+    """Run the jobs `u0` (already in queue order) on the engine; outputs in that order.
+
+    The queue is padded to `size` runs per device group, so that every chunk of a depth
+    reuses one compiled program (the padding is never run).
+    """
+    J = u0.shape[0]
+    D = len(devices)
+    Jd = math.ceil(size / D)
+    slots = Jd * D
+    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], slots - J, 0)]) if slots > J else x
+    u0p, tgp = pad(u0), pad(targets)
+    common = (np.asarray(spec.save_times), np.asarray(spec.run.t1), np.asarray(spec.run.rtol),
+              np.asarray(spec.run.atol), np.asarray(theta_min), np.asarray(spec.run.max_steps))
+    if D == 1:
+        data = EngineData(loss, u0p, tgp, np.asarray(J, np.int32), *common)
+        data = jax.tree_util.tree_map(jnp.asarray, data)
+        out, stats = run_engine(config, data, on_round=on_jobs)
+        return jax.tree_util.tree_map(lambda x: x[:J], out), stats
+    # Deal the queue round-robin so that every device gets easy and hard runs alike.
+    slot = np.arange(slots).reshape(Jd, D).T  # device r takes queue positions r, r+D, ...
+    n_jobs = np.array([(slot[r] < J).sum() for r in range(D)], np.int32)
+    data = EngineData(loss, u0p[slot], tgp[slot], n_jobs, *common)
+    out, stats = run_engine(config, data, devices=devices, on_round=on_jobs)
+    back = np.empty(J, int)
+    flat = slot.reshape(-1)
+    keep = flat < J
+    back[flat[keep]] = np.flatnonzero(keep)
+    out = jax.tree_util.tree_map(lambda x: x.reshape((slots,) + x.shape[2:])[back], out)
+    return out, stats
+
+
+def lanes_for(requested: int, jobs: int, devices: int) -> int:
+    """Lanes per device: as asked, but at most a quarter of each device's queue, so that
+    finished lanes have runs to refill from (with as many lanes as runs, no lane is ever
+    refilled and the batch waits for its slowest run)."""
+    return max(1, min(requested, math.ceil(jobs / (4 * devices))))
+
+
+def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
+    """Run a sweep of initializations × depths × problems.
+
+    **Arguments:**
+
+    - `spec`: a [`ddln_jax.SweepSpec`][], a dict, or the path of a TOML spec (see
+      `ddln_jax/_spec.py` for the keys).
+    - `out`: a results directory. Finished chunks are written there as they complete; a rerun
+      with the same spec resumes (a finished sweep is just loaded), a different spec is
+      refused. Without it the sweep runs in memory.
+    - `progress`: show a progress bar over runs, with an ETA.
+    - `devices`: the devices to shard the lanes over (default from the spec: all).
+
+    **Returns:** an `xarray.Dataset` with dimensions `depth`, `problem`, `shape`, `alpha`,
+    `seed`, `time`, `coord` (and `row` for the data): `loss`, `theta`, `bregman` (when
+    defined), `theta_final`, `time_to_eps`, `status`, `steps`, `t_final`, `f0`, `c0`,
+    `conservation_drift`, the problems (`X`, `y`, `theta_star`, `theta_min`, `f_star`,
+    `pl_mu`); attributes hold the spec, the package versions and engine statistics.
+    """
+    spec = as_spec(spec)
+    if not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "sweeps run in float64: call `jax.config.update('jax_enable_x64', True)` first "
+            "(the `ddln` command does)"
+        )
+    store = ResultStore(out, spec) if out is not None else None
+    if store is not None and store.final_path.exists():
+        return load_dataset(store.final_path)
+    if devices is None:
+        devices = jax.devices()
+        if spec.engine.devices != "all":
+            if spec.engine.devices > len(devices):
+                raise SpecError(f"{spec.source}: [engine] devices: {spec.engine.devices} requested, {len(devices)} available")
+            devices = devices[: spec.engine.devices]
+    problems = [make_problem(spec.problem, s) for s in spec.problem.seeds]
+    d = problems[0].X.shape[1]
+    bregman, bregman_note = _check_inits(spec, d)
+    problems_ds = _problems_dataset(spec, problems)
+    if store is not None:
+        store.write_problems(problems_ds)
+
+    jobs = _jobs(spec)
+    n_save = len(spec.save_times)
+    chunk = max(1, min(spec.engine.chunk_size, _CHUNK_BYTES // (8 * n_save * d)))
+    bar = _progress(spec.count(), progress)
+    pieces, stats_all = [], []
+    form = as_formulation(spec.run.formulation)
+    solver = _SOLVERS[spec.run.solver]()
+    try:
+        size = min(chunk, len(jobs))
+        lanes = lanes_for(spec.engine.lanes, size, len(devices))
+        for L in spec.run.depths:
+            config = EngineConfig(
+                formulation=form, solver=solver, lanes=lanes, n_save=n_save,
+                stop=spec.run.stop_ratio is not None,
+                bregman=bregman, round_steps=2000,
+            )
+            inits = np.stack([make_init(spec.init.scheme, L, d, a, k, s) for s, a, k in jobs])
+            order = np.argsort(-difficulty(inits), kind="stable")
+            for p_index, prob in enumerate(problems):
+                p_seed = spec.problem.seeds[p_index]
+                loss = prob.loss()
+                f_star = float(problems_ds.f_star[p_index])
+                f_star = 0.0 if not np.isfinite(f_star) else f_star
+                theta0 = np.prod(inits, axis=1)
+                f0 = np.asarray(jax.vmap(loss)(jnp.asarray(theta0)))
+                ratio = spec.run.stop_ratio or 0.0
+                targets = f_star + ratio * (f0 - f_star)
+                theta_min = np.nan_to_num(prob.theta_min)
+                for c, idx in enumerate(_chunks(order, chunk)):
+                    name = f"L{L}_p{p_seed}_c{c:04d}"
+                    if store is not None and store.has_chunk(name):
+                        pieces.append(store.load_chunk(name))
+                        bar.update(len(idx))
+                        continue
+                    done = [0]
+
+                    def on_jobs(n, done=done):
+                        bar.update(n - done[0])
+                        done[0] = n
+
+                    res, stats = _run_chunk(spec, config, loss, inits[idx], targets[idx],
+                                            theta_min, devices, size, on_jobs)
+                    bar.update(len(idx) - done[0])
+                    c0 = np.array([_c0(inits[i]) for i in idx])
+                    ds = _chunk_dataset(spec, L, p_seed, jobs, idx, res, stats, f0[idx], c0, bregman)
+                    if store is not None and jax.process_index() == 0:
+                        store.write_chunk(name, ds)
+                    pieces.append(ds)
+                    stats_all.append(stats)
+    finally:
+        bar.close()
+    result = _assemble(spec, pieces, problems_ds, stats_all, bregman_note, devices)
+    if store is not None and jax.process_index() == 0:
+        store.write_final(result)
+    return result
+
+
+def _assemble(spec, pieces, problems_ds, stats_all, bregman_note, devices) -> xr.Dataset:
+    flat = xr.concat(pieces, dim="run", combine_attrs="drop")
+    flat = flat.set_index(run=list(JOB_DIMS)).unstack("run")
+    flat = flat.reindex(
+        depth=list(spec.run.depths), problem=list(spec.problem.seeds), shape=list(spec.init.shape),
+        alpha=list(spec.init.alpha),
+        seed=list(spec.init.seeds if spec.init.scheme == "gaussian" else spec.init.seeds[:1]),
+    )
+    order = [*JOB_DIMS, "time", "coord"]
+    flat = flat.transpose(*[dim for dim in order if dim in flat.dims])
+    ds = xr.merge([flat, problems_ds])
+    executed = sum(s["lane_steps_executed"] for s in stats_all)
+    useful = sum(s["lane_steps_useful"] for s in stats_all)
+    status = ds["status"].values
+    ds.attrs = {
+        "spec": json.dumps(spec.to_dict(), sort_keys=True),
+        "spec_digest": spec.digest(),
+        "versions": json.dumps(_versions(), sort_keys=True),
+        "stop_ratio": float(spec.run.stop_ratio) if spec.run.stop_ratio is not None else math.nan,
+        "bregman": bregman_note,
+        "lane_efficiency": useful / executed if executed else math.nan,
+        "devices": len(devices),
+        "n_runs": int(status.size),
+        "n_failed": int(np.sum((status != Status.SUCCESS) & (status != Status.EVENT))),
+    }
+    return ds
+
+
+def _progress(total, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="run", desc="sweep", dynamic_ncols=True)
+
+
+def summary(ds: xr.Dataset) -> str:
+    """A text table: per depth and α, the runs, failures, and median time-to-ε / final loss."""
+    lines = []
+    has_eps = np.isfinite(ds.attrs.get("stop_ratio", math.nan))
+    head = f"{'depth':>5} {'alpha':>9} {'runs':>5} {'failed':>6} "
+    head += f"{'median time-to-eps':>19}" if has_eps else f"{'median final loss':>18}"
+    lines.append(head)
+    for L in ds.depth.values:
+        for a in ds.alpha.values:
+            sub = ds.sel(depth=L, alpha=a)
+            st = sub["status"].values.ravel()
+            failed = int(np.sum((st != Status.SUCCESS) & (st != Status.EVENT)))
+            if has_eps:
+                vals = sub["time_to_eps"].values.ravel()
+                val = np.nanmedian(vals) if np.any(np.isfinite(vals)) else math.nan
+                cell = f"{val:>19.4g}"
+            else:
+                cell = f"{np.nanmedian(sub['loss_final'].values):>18.3e}"
+            lines.append(f"{int(L):>5} {a:>9.4g} {st.size:>5} {failed:>6} {cell}")
+    n_failed = ds.attrs.get("n_failed", 0)
+    lines.append(
+        f"{ds.attrs.get('n_runs', 0)} runs, {n_failed} failed; lane efficiency "
+        f"{ds.attrs.get('lane_efficiency', math.nan):.2f}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""Sweeps: equality with single runs, storage and resume, specs, devices, the command line."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+import xarray as xr
+
+import ddln_jax as dj
+from ddln_jax import _spec, cli
+from ddln_jax._problems import make_problem
+from ddln_jax._sweep import make_init
+
+SMOKE = _spec.tomllib.loads(_spec.SMOKE_SPEC)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    return dj.sweep(SMOKE, out, progress=False), out
+
+
+def test_sweep_equals_single_runs(smoke):
+    """Every lane of the sweep equals `simulate` of the same init (θ(t), time-to-ε, status)."""
+    ds, _ = smoke
+    spec = dj.SweepSpec.from_dict(SMOKE)
+    loss = make_problem(spec.problem, 0).loss()
+    for L in spec.run.depths:
+        sub = ds.sel(depth=L, problem=0, shape=1.0)
+        grid = [(a, k) for a in sub.alpha.values for k in sub.seed.values]
+        u0 = np.stack([make_init("gaussian", L, spec.problem.d, a, k, 1.0) for a, k in grid])
+        tr = dj.simulate(loss, u0, t1=spec.run.t1, ts=spec.save_times, rtol=spec.run.rtol,
+                         atol=spec.run.atol, stop_ratio=spec.run.stop_ratio)
+        for i, (a, k) in enumerate(grid):
+            run = sub.sel(alpha=a, seed=k)
+            assert int(run.status) == int(tr.status[i]) == dj.Status.EVENT
+            np.testing.assert_allclose(float(run.time_to_eps), float(tr.t_final[i]), rtol=1e-8)
+            ref = np.asarray(tr.theta[i])
+            np.testing.assert_array_equal(np.isnan(run.theta.values), np.isnan(ref))
+            ok = ~np.isnan(ref[:, 0])
+            err = np.linalg.norm(run.theta.values[ok] - ref[ok], axis=1) / np.linalg.norm(ref[ok], axis=1)
+            assert err.max() <= 1e-8
+            np.testing.assert_allclose(run.theta_final.values, tr.theta_final[i], rtol=1e-8, atol=1e-12)
+    # The reduced flow keeps the gaps exactly; the D_Q(θ*, θ(t)) record decreases.
+    assert float(ds.conservation_drift.max()) <= 1e-12
+    breg = ds.bregman.sel(depth=3).values
+    assert np.all(np.diff(breg, axis=-1)[np.isfinite(np.diff(breg, axis=-1))] <= 1e-12)
+    assert ds.attrs["n_failed"] == 0 and ds.attrs["spec_digest"] == spec.digest()
+
+
+def test_finished_sweep_is_loaded_not_recomputed(smoke, monkeypatch):
+    ds, out = smoke
+    monkeypatch.setattr("ddln_jax._sweep.run_engine", lambda *a, **k: pytest.fail("recomputed"))
+    again = dj.sweep(SMOKE, out, progress=False)
+    xr.testing.assert_identical(again.drop_attrs(), ds.drop_attrs())
+    xr.testing.assert_identical(dj.open_results(out).drop_attrs(), ds.drop_attrs())
+
+
+def test_changed_spec_is_refused(smoke):
+    _, out = smoke
+    changed = {**SMOKE, "run": {**SMOKE["run"], "t1": 100.0}}
+    with pytest.raises(dj.SpecError, match=f"output directory '{out}' holds results of a different spec"):
+        dj.sweep(changed, out, progress=False)
+    # How the engine runs (lanes, chunks) does not change the results: not a different spec.
+    faster = {**SMOKE, "engine": {"lanes": 3, "chunk_size": 4}}
+    assert dj.SweepSpec.from_dict(faster).digest() == dj.SweepSpec.from_dict(SMOKE).digest()
+
+
+def test_failed_runs_are_marked_and_kept(smoke):
+    # A step budget that the harder half of the runs exceeds.
+    budget = int(np.median(smoke[0].steps.values))
+    ds = dj.sweep({**SMOKE, "run": {**SMOKE["run"], "max_steps": budget}}, progress=False)
+    status = ds.status.values
+    assert np.any(status == dj.Status.MAX_STEPS) and np.any(status == dj.Status.EVENT)
+    assert ds.attrs["n_failed"] == int(np.sum(status == dj.Status.MAX_STEPS))
+    failed = ds.where(ds.status == dj.Status.MAX_STEPS)
+    assert np.all(failed.steps.values[np.isfinite(failed.steps.values)] == budget)
+    kept = ds.status == dj.Status.EVENT
+    xr.testing.assert_allclose(ds.time_to_eps.where(kept), smoke[0].time_to_eps.where(kept))
+    assert f"{ds.attrs['n_failed']} failed" in dj.summary(ds)
+
+
+def _write_spec(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_kill_and_resume(tmp_path):
+    """A sweep killed mid-way (SIGKILL) resumes from its chunks: none lost, none redone."""
+    spec_text = _spec.SMOKE_SPEC.replace("depths = [2, 3]", "depths = [3]").replace(
+        "chunk_size = 6", "chunk_size = 2"
+    ).replace("lanes = 2", "lanes = 1")
+    spec = _write_spec(tmp_path / "resume.toml", spec_text)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddln_jax.cli", "sweep", str(spec), "--out", str(out), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    chunks = out / "chunks"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if chunks.exists() and len(list(chunks.glob("*.nc"))) >= 1:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in chunks.glob("*.nc")}
+    assert 1 <= len(before) < 3 and not (out / "results.nc").exists()
+
+    ds = dj.sweep(spec, out, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in chunks.glob("*.nc")}
+    assert len(after) == 3 and not list(chunks.glob("*.tmp"))
+    assert all(after[name] == mtime for name, mtime in before.items())  # not redone
+    fresh = dj.sweep(spec, progress=False)  # the same sweep, uninterrupted, in memory
+    xr.testing.assert_allclose(ds.drop_attrs(), fresh.drop_attrs(), rtol=1e-12, atol=0)
+
+
+def test_four_cpu_devices_give_the_same_results(tmp_path):
+    script = textwrap.dedent(
+        """
+        import jax, numpy as np, tomllib
+        jax.config.update("jax_enable_x64", True)
+        import ddln_jax as dj
+        from ddln_jax import _spec
+        assert len(jax.devices()) == 4, jax.devices()
+        spec = tomllib.loads(_spec.SMOKE_SPEC)
+        spec["run"]["depths"] = [3]
+        one = dj.sweep(spec, progress=False, devices=jax.devices()[:1])
+        four = dj.sweep(spec, progress=False, devices=jax.devices())
+        assert four.attrs["devices"] == 4 and one.attrs["devices"] == 1
+        for name in ["theta", "loss", "time_to_eps", "theta_final", "bregman"]:
+            a, b = one[name].values, four[name].values
+            assert np.array_equal(np.isnan(a), np.isnan(b)), name
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=name)
+        assert np.array_equal(one.status.values, four.status.values)
+        print("OK", float(np.nanmax(np.abs(one.theta.values - four.theta.values))))
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_cli_default_sweep_at_reduced_size(smoke, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert cli.main(["sweep", "--smoke", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "median time-to-eps" in text and "12 runs, 0 failed" in text
+    for fig in ["loss_curves.png", "time_to_eps.png"]:
+        assert (out / fig).stat().st_size > 10_000
+        (out / fig).unlink()
+    assert cli.main(["plot", str(out)]) == 0
+    assert (out / "loss_curves.png").exists() and (out / "time_to_eps.png").exists()
+    assert cli.main(["spec"]) == 0 and "[problem]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "patch, match",
+    [
+        ({"run": {"depths": []}}, r"\[run\] depths: must not be empty"),
+        ({"run": {"depths": [0, 2]}}, r"\[run\] depths: must be ≥ 1, got 0"),
+        ({"run": {"depths": "3"}}, r"\[run\] depths: must be an integer, got '3'"),
+        ({"init": {"alpha": [0.5, -1.0]}}, r"\[init\] alpha: must be > 0, got -1.0"),
+        ({"init": {"alpha": {"geomspace": [0.0, 1.0, 3]}}}, r"\[init\] alpha: must be > 0, got 0.0"),
+        ({"init": {"alhpa": [1.0]}}, r"\[init\] alhpa: unknown key"),
+        ({"solver": {"name": "x"}}, r"\[solver\]: unknown section"),
+        ({"run": {"t1": "long"}}, r"\[run\] t1: must be a number, got 'long'"),
+        ({"run": {"stop_ratio": 2.0}}, r"\[run\] stop_ratio: must be in \(0, 1\), got 2.0"),
+        ({"problem": {"kind": "ridge"}}, r"\[problem\] kind: must be one of"),
+        ({"problem": {"d": 3, "sparsity": 5}}, r"\[problem\] sparsity: must be ≤ d = 3"),
+        ({"run": {"formulation": "mirror"}, "init": {"scheme": "balanced", "seeds": [0]}},
+         r"\[run\] formulation: 'mirror' needs Assumption A"),
+    ],
+)
+def test_malformed_specs_name_the_file_and_key(tmp_path, patch, match):
+    raw = {k: dict(v) for k, v in SMOKE.items()}
+    for section, values in patch.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / "bad.toml"
+    path.write_text(_to_toml(raw))
+    with pytest.raises(dj.SpecError, match=f"^{path}: " + match):
+        dj.SweepSpec.load(path)
+
+
+def _to_toml(raw):
+    import json
+
+    lines = []
+    for section, values in raw.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
+                lines.append(f"{key} = {{{inner}}}")
+            else:
+                lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[run\ndepths = [2]\n")
+    with pytest.raises(dj.SpecError, match=f"^{path}: not valid TOML"):
+        dj.SweepSpec.load(path)
+    with pytest.raises(dj.SpecError, match="cannot read the spec"):
+        dj.SweepSpec.load(tmp_path / "missing.toml")
+
+
+def test_unwritable_output_is_refused_before_any_compute(tmp_path, monkeypatch):
+    monkeypatch.setattr("ddln_jax._sweep.run_engine", lambda *a, **k: pytest.fail("computed"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=f"output directory '{blocker / 'out'}' is not writable"):
+        dj.sweep(SMOKE, blocker / "out", progress=False)
+    assert cli.main(["sweep", "--smoke", "--out", str(blocker / "out"), "--quiet"]) == 2
+
+
+def test_sweeps_need_float64(monkeypatch):
+    monkeypatch.setattr(jax.config, "read", lambda name: False if name == "jax_enable_x64" else None)
+    with pytest.raises(ValueError, match="sweeps run in float64"):
+        dj.sweep(SMOKE, progress=False)
