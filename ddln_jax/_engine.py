@@ -69,7 +69,8 @@ class Lanes(eqx.Module):
     k: jax.Array
     steps: jax.Array
     rejected: jax.Array
-    streak: jax.Array
+    streak: jax.Array  # consecutive non-finite trial steps
+    nonfinite: jax.Array  # all non-finite trial steps of the run
     drift: jax.Array
     geom: Geometry
 
@@ -151,7 +152,7 @@ def _start(config, data, job):
     zero = jnp.zeros((), jnp.int32)
     return Lanes(
         job=job, t=t0, dt=t_next - t0, y=y0, solver_state=solver_state, ctrl_state=ctrl_state,
-        k=zero, steps=zero, rejected=zero, streak=zero, drift=drift, geom=geom,
+        k=zero, steps=zero, rejected=zero, streak=zero, nonfinite=zero, drift=drift, geom=geom,
     )
 
 
@@ -228,6 +229,7 @@ def _attempt(config, data, lane: Lanes):
         steps=lane.steps + 1,
         rejected=lane.rejected + (~keep).astype(jnp.int32),
         streak=jnp.where(finite, 0, lane.streak + 1),
+        nonfinite=lane.nonfinite + (~finite).astype(jnp.int32),
         drift=lane.drift,
         geom=lane.geom,
     )
@@ -293,7 +295,11 @@ def _iteration(config, data, carry):
     lanes = carry.lanes
     active = lanes.job >= 0
     new, saved, crossed, event = jax.vmap(lambda l: _attempt(config, data, l))(lanes)
-    new = _where_lanes(active, new, lanes)
+    # Only what a step changes is selected (the geometry and the job stay as they are).
+    moving = lambda l: (
+        l.t, l.dt, l.y, l.solver_state, l.ctrl_state, l.steps, l.rejected, l.streak, l.nonfinite
+    )
+    new = eqx.tree_at(moving, lanes, _where_lanes(active, moving(new), moving(lanes)))
     saved, crossed = saved & active, crossed & active
 
     def save(args):
@@ -324,8 +330,9 @@ def _iteration(config, data, carry):
         t_ev, y_ev = new.t, new.y
     lanes = carry.lanes
     success = active & (lanes.t >= data.t1) & (lanes.k >= config.n_save)
-    nonfinite = active & (lanes.streak >= _NONFINITE_STREAK)
     max_steps = active & (lanes.steps >= data.max_steps)
+    # A run that fails after meeting a non-finite field is put down to that (as in simulate).
+    nonfinite = active & ((lanes.streak >= _NONFINITE_STREAK) | (max_steps & (lanes.nonfinite > 0)))
     done = crossed | success | nonfinite | max_steps | (lanes.job == _UNSTARTED)
     status = jnp.select(
         [crossed, success, nonfinite, max_steps],
@@ -486,10 +493,3 @@ def run_engine(
         "jobs": int(np.sum(n_jobs)),
     }
     return jax.tree_util.tree_map(np.asarray, carry.out), stats
-
-
-def difficulty(u0: np.ndarray) -> np.ndarray:
-    """A cheap proxy for how many steps a run needs: the init's scale ‖u0‖ (stiffness grows
-    with it). Used to deal the hardest runs first."""
-    u0 = np.asarray(u0)
-    return np.sqrt(np.mean(u0.reshape(u0.shape[0], -1) ** 2, axis=1))

@@ -67,6 +67,7 @@ class Trajectory(eqx.Module):
     conserved: Float[Array, "*batch n L d"] | None = None
     grad_integral: Float[Array, "*batch n d"] | None = None
     formulation: str = eqx.field(static=True, default="reduced")
+    lane_efficiency: float | None = eqx.field(static=True, default=None)
 
     @property
     def status_name(self):
@@ -291,6 +292,8 @@ def simulate(
     save=(),
     theta_star=None,
     progress: bool = False,
+    lanes: int | None = None,
+    devices=None,
 ) -> Trajectory:
     """Integrate the gradient flow of a deep diagonal linear network from `u0`.
 
@@ -318,6 +321,12 @@ def simulate(
       `"conserved"`, `"grad_integral"`.
     - `theta_star`: the reference point of `"bregman"` (D_Q(θ*, θ(t))), shape `(d,)`.
     - `progress`: show a tqdm progress meter.
+    - `lanes`: run a batch on the lane-refill engine with this many lanes instead of a plain
+      `jax.vmap` (which steps every run until the slowest one ends). Much faster when the runs
+      need very different numbers of steps; save times are hit exactly and the loss threshold
+      is located on the dense output. Supports the default PID controller and
+      `save=("bregman",)`; `Trajectory.lane_efficiency` reports the share of busy lane-steps.
+    - `devices`: with `lanes`, the devices to split the batch over (default: the first one).
 
     **Returns:** a [`ddln_jax.Trajectory`][].
     """
@@ -407,10 +416,63 @@ def simulate(
         f0 = jax.vmap(lambda u: loss(jnp.prod(u, axis=0)))(u0.reshape(-1, *u0.shape[-2:]))
         f0 = f0.reshape(u0.shape[:-2])
         target = f_star + stop_ratio * (f0 - f_star)
+    if lanes is not None:
+        if stepsize_controller is not None or dt0 is not None:
+            raise ValueError("`lanes` runs the engine with its own PID controller: drop "
+                             "`stepsize_controller`/`dt0`")
+        if set(save) - {"bregman"}:
+            raise ValueError(f"with `lanes`, `save` may only hold 'bregman', got {list(save)}")
+        lanes = positive_int("lanes", lanes)
+        return _simulate_on_engine(
+            loss, u0, form, solver, lanes, devices, ts, t1, rtol, atol, max_steps, target,
+            stop_ratio is not None, theta_star, progress,
+        )
     config = _Config(form, solver, max_steps, save, stop_ratio is not None, bool(progress))
     return _solve_batched(
         config, loss, u0, jnp.asarray(ts, dtype), jnp.asarray(t1, dtype), controller, dt0,
         target, theta_star,
+    )
+
+
+def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, atol, max_steps,
+                        target, stop, theta_star, progress):
+    from tqdm.auto import tqdm
+
+    from ._batch import run_queue
+    from ._engine import EngineConfig
+
+    batch = u0.ndim == 3
+    U = np.asarray(u0 if batch else u0[None])
+    B = U.shape[0]
+    devices = list(devices) if devices is not None else jax.devices()[:1]
+    config = EngineConfig(
+        formulation=form, solver=solver, lanes=min(lanes, max(1, -(-B // len(devices)))),
+        n_save=len(ts), stop=stop, bregman=theta_star is not None, round_steps=2000,
+    )
+    bar = tqdm(total=B, disable=not progress, unit="run")
+    seen = [0]
+
+    def on_jobs(n):
+        bar.update(n - seen[0])
+        seen[0] = n
+
+    try:
+        out, stats = run_queue(
+            config, loss, U, np.broadcast_to(np.asarray(target), (B,)), ts=ts, t1=t1, rtol=rtol,
+            atol=atol, max_steps=max_steps, theta_star=theta_star, devices=devices,
+            on_jobs=on_jobs,
+        )
+    finally:
+        bar.close()
+    pick = (lambda x: jnp.asarray(x)) if batch else (lambda x: jnp.asarray(x[0]))
+    steps = out.steps.astype(np.int32)
+    return Trajectory(
+        ts=jnp.asarray(ts), theta=pick(out.theta), loss=pick(out.loss),
+        t_final=pick(out.t_final), theta_final=pick(out.theta_final),
+        loss_final=pick(out.loss_final), status=pick(out.status), num_steps=pick(steps),
+        num_accepted_steps=pick(steps - out.rejected), num_rejected_steps=pick(out.rejected),
+        bregman=pick(out.bregman) if theta_star is not None else None,
+        formulation=form.name, lane_efficiency=float(stats["lane_efficiency"]),
     )
 
 

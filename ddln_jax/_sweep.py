@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from ._engine import EngineConfig, EngineData, difficulty, run_engine
+from ._batch import difficulty, lanes_for, run_queue
+from ._engine import EngineConfig
 from ._flows import as_formulation
 from ._init import check_assumption_a
 from ._problems import Problem, make_problem
@@ -163,45 +164,6 @@ def _chunk_dataset(spec, L, p_seed, jobs, idx, out, stats, f0, c0, bregman) -> x
     return ds
 
 
-def _run_chunk(spec, config, loss, u0, targets, theta_min, devices, size, on_jobs):
-    """Run the jobs `u0` (already in queue order) on the engine; outputs in that order.
-
-    The queue is padded to `size` runs per device group, so that every chunk of a depth
-    reuses one compiled program (the padding is never run).
-    """
-    J = u0.shape[0]
-    D = len(devices)
-    Jd = math.ceil(size / D)
-    slots = Jd * D
-    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], slots - J, 0)]) if slots > J else x
-    u0p, tgp = pad(u0), pad(targets)
-    common = (np.asarray(spec.save_times), np.asarray(spec.run.t1), np.asarray(spec.run.rtol),
-              np.asarray(spec.run.atol), np.asarray(theta_min), np.asarray(spec.run.max_steps))
-    if D == 1:
-        data = EngineData(loss, u0p, tgp, np.asarray(J, np.int32), *common)
-        data = jax.tree_util.tree_map(jnp.asarray, data)
-        out, stats = run_engine(config, data, on_round=on_jobs)
-        return jax.tree_util.tree_map(lambda x: x[:J], out), stats
-    # Deal the queue round-robin so that every device gets easy and hard runs alike.
-    slot = np.arange(slots).reshape(Jd, D).T  # device r takes queue positions r, r+D, ...
-    n_jobs = np.array([(slot[r] < J).sum() for r in range(D)], np.int32)
-    data = EngineData(loss, u0p[slot], tgp[slot], n_jobs, *common)
-    out, stats = run_engine(config, data, devices=devices, on_round=on_jobs)
-    back = np.empty(J, int)
-    flat = slot.reshape(-1)
-    keep = flat < J
-    back[flat[keep]] = np.flatnonzero(keep)
-    out = jax.tree_util.tree_map(lambda x: x.reshape((slots,) + x.shape[2:])[back], out)
-    return out, stats
-
-
-def lanes_for(requested: int, jobs: int, devices: int) -> int:
-    """Lanes per device: as asked, but at most a quarter of each device's queue, so that
-    finished lanes have runs to refill from (with as many lanes as runs, no lane is ever
-    refilled and the batch waits for its slowest run)."""
-    return max(1, min(requested, math.ceil(jobs / (4 * devices))))
-
-
 def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
     """Run a sweep of initializations × depths × problems.
 
@@ -283,8 +245,12 @@ def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
                         bar.update(n - done[0])
                         done[0] = n
 
-                    res, stats = _run_chunk(spec, config, loss, inits[idx], targets[idx],
-                                            theta_min, devices, size, on_jobs)
+                    res, stats = run_queue(
+                        config, loss, inits[idx], targets[idx], ts=spec.save_times,
+                        t1=spec.run.t1, rtol=spec.run.rtol, atol=spec.run.atol,
+                        max_steps=spec.run.max_steps, theta_star=theta_min, devices=devices,
+                        size=size, on_jobs=on_jobs,
+                    )
                     bar.update(len(idx) - done[0])
                     c0 = np.array([_c0(inits[i]) for i in idx])
                     ds = _chunk_dataset(spec, L, p_seed, jobs, idx, res, stats, f0[idx], c0, bregman)

@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import xarray as xr
@@ -56,7 +57,7 @@ def test_sweep_equals_single_runs(smoke):
 
 def test_finished_sweep_is_loaded_not_recomputed(smoke, monkeypatch):
     ds, out = smoke
-    monkeypatch.setattr("ddln_jax._sweep.run_engine", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr("ddln_jax._sweep.run_queue", lambda *a, **k: pytest.fail("recomputed"))
     again = dj.sweep(SMOKE, out, progress=False)
     xr.testing.assert_identical(again.drop_attrs(), ds.drop_attrs())
     xr.testing.assert_identical(dj.open_results(out).drop_attrs(), ds.drop_attrs())
@@ -215,7 +216,7 @@ def test_bad_toml_and_missing_file(tmp_path):
 
 
 def test_unwritable_output_is_refused_before_any_compute(tmp_path, monkeypatch):
-    monkeypatch.setattr("ddln_jax._sweep.run_engine", lambda *a, **k: pytest.fail("computed"))
+    monkeypatch.setattr("ddln_jax._sweep.run_queue", lambda *a, **k: pytest.fail("computed"))
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ValueError, match=f"output directory '{blocker / 'out'}' is not writable"):
@@ -227,3 +228,34 @@ def test_sweeps_need_float64(monkeypatch):
     monkeypatch.setattr(jax.config, "read", lambda name: False if name == "jax_enable_x64" else None)
     with pytest.raises(ValueError, match="sweeps run in float64"):
         dj.sweep(SMOKE, progress=False)
+
+
+def test_simulate_on_the_engine_matches_vmap(lsq_problem):
+    """`simulate(..., lanes=N)` (refill engine) equals the vmapped diffeqsolve run by run."""
+    keys = jax.random.split(jax.random.PRNGKey(5), 8)
+    u0 = np.stack([dj.gaussian_init(k, 3, 30, a) for k, a in zip(keys, np.geomspace(0.3, 1, 8))])
+    ts = np.linspace(0, 20, 11)
+    theta_star = np.asarray(lsq_problem.X).T @ np.linalg.solve(
+        np.asarray(lsq_problem.X) @ np.asarray(lsq_problem.X).T, np.asarray(lsq_problem.y))
+    kw = dict(t1=20.0, ts=ts, rtol=1e-10, atol=1e-12, stop_ratio=1e-3, save=("bregman",),
+              theta_star=theta_star)
+    a = dj.simulate(lsq_problem, u0, lanes=2, **kw)
+    b = dj.simulate(lsq_problem, u0, **kw)
+    np.testing.assert_array_equal(a.status, b.status)
+    np.testing.assert_allclose(a.t_final, b.t_final, rtol=1e-8)
+    np.testing.assert_allclose(a.theta, b.theta, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(a.bregman, b.bregman, rtol=1e-8, atol=1e-10)
+    assert 0.5 < a.lane_efficiency <= 1
+    with pytest.raises(ValueError, match="with `lanes`, `save` may only hold 'bregman'"):
+        dj.simulate(lsq_problem, u0, t1=1.0, lanes=2, save=("u",))
+
+
+def test_engine_marks_nonfinite_runs_and_keeps_the_rest():
+    """A run whose field turns NaN ends `nonfinite`; the other runs of the batch finish."""
+    loss = dj.CallableLoss(lambda th: 0.5 * jnp.sum((th - 1) ** 2)
+                           + jnp.where(th[0] > 0.55, jnp.nan, 0.0) * th[0])
+    u0 = np.array([[[1.0, 0.5, 0.5], [0.5, 0.5, 0.5]],     # θ₀ = 0.5 soon crosses 0.55: NaN
+                   [[-0.2, 0.5, 0.5], [0.5, 0.5, 0.5]]])   # θ₀ = -0.1 stays below by t = 1
+    tr = dj.simulate(loss, u0, t1=1.0, ts=np.linspace(0, 1, 5), lanes=1, max_steps=3000)
+    assert list(tr.status_name) == ["nonfinite", "success"]
+    assert np.all(np.isfinite(tr.theta[1])) and 0.5 < float(tr.theta_final[0, 0]) <= 0.55

@@ -1,0 +1,88 @@
+"""Many runs of one problem on the lane-refill engine: queue order, padding, devices.
+
+`run_queue` is what `simulate(..., lanes=N)` and `sweep` call: it deals the runs hardest
+first, pads the queue to a fixed size (so that one compiled engine serves every chunk of a
+sweep), splits it round-robin over devices, and returns the outputs in the input order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._engine import EngineConfig, EngineData, Outputs, run_engine
+
+
+def difficulty(u0: np.ndarray) -> np.ndarray:
+    """A cheap proxy for how many steps a run needs: the init's scale (stiffness grows with
+    it). Runs are dealt in decreasing order (longest processing time first), so that the
+    lanes run out of work at nearly the same time."""
+    u0 = np.asarray(u0)
+    return np.sqrt(np.mean(u0.reshape(u0.shape[0], -1) ** 2, axis=1))
+
+
+def lanes_for(requested: int, jobs: int, devices: int) -> int:
+    """Lanes per device: as asked, but at most a quarter of each device's queue, so that
+    finished lanes have runs to refill from (with as many lanes as runs, no lane is ever
+    refilled and the batch waits for its slowest run)."""
+    return max(1, min(requested, math.ceil(jobs / (4 * devices))))
+
+
+def run_queue(
+    config: EngineConfig,
+    loss,
+    u0: np.ndarray,
+    targets: np.ndarray,
+    *,
+    ts,
+    t1: float,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+    theta_star=None,
+    devices=None,
+    size: int | None = None,
+    on_jobs=None,
+) -> tuple[Outputs, dict]:
+    """Run every init of `u0` (B, L, d) to its end on the engine; outputs in input order.
+
+    `targets` are the loss thresholds (used when `config.stop`); `size` pads the queue to a
+    fixed length (default: B); `on_jobs(n)` is told how many runs have ended.
+    """
+    u0 = np.asarray(u0, np.float64)
+    targets = np.asarray(targets, np.float64)
+    J = u0.shape[0]
+    devices = list(devices) if devices is not None else jax.devices()[:1]
+    D = len(devices)
+    size = max(J, size or J)
+    order = np.argsort(-difficulty(u0), kind="stable")
+    Jd = math.ceil(size / D)
+    slots = Jd * D
+    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], slots - J, 0)]) if slots > J else x
+    u0p, tgp = pad(u0[order]), pad(targets[order])
+    d = u0.shape[-1]
+    theta_star = np.zeros(d) if theta_star is None else np.asarray(theta_star, np.float64)
+    common = (np.asarray(ts, np.float64), np.asarray(t1, np.float64), np.asarray(rtol, np.float64),
+              np.asarray(atol, np.float64), theta_star, np.asarray(max_steps, np.int32))
+    if D == 1:
+        data = EngineData(loss, u0p, tgp, np.asarray(J, np.int32), *common)
+        data = jax.tree_util.tree_map(jnp.asarray, data)
+        out, stats = run_engine(config, data, on_round=on_jobs)
+        queue_out = jax.tree_util.tree_map(lambda x: x[:J], out)
+    else:
+        # Deal the queue round-robin so that every device gets easy and hard runs alike.
+        slot = np.arange(slots).reshape(Jd, D).T  # device r takes positions r, r+D, ...
+        n_jobs = np.array([(slot[r] < J).sum() for r in range(D)], np.int32)
+        data = EngineData(loss, u0p[slot], tgp[slot], n_jobs, *common)
+        out, stats = run_engine(config, data, devices=devices, on_round=on_jobs)
+        back = np.empty(J, int)
+        flat = slot.reshape(-1)
+        keep = flat < J
+        back[flat[keep]] = np.flatnonzero(keep)
+        queue_out = jax.tree_util.tree_map(lambda x: x.reshape((slots,) + x.shape[2:])[back], out)
+    inverse = np.empty(J, int)
+    inverse[order] = np.arange(J)
+    return jax.tree_util.tree_map(lambda x: x[inverse], queue_out), stats
