@@ -275,7 +275,9 @@ class Geometry(eqx.Module):
     - `m`: index of the smallest layer per coordinate, shape `(d,)`.
     - `sigma`: σ_i = sign ∏_{j≠m} u^j_i(0) (sign 0 = +1), shape `(d,)`.
     - `signs`: sign of each layer at t = 0 (sign 0 = +1), shape `(L, d)`.
-    - `phi_inf`: Φ_i(∞) (+inf for L ≤ 2), the half-width of the dual box for L ≥ 3.
+
+    **Properties:** `phi_inf`, Φ_i(∞) (+inf for L ≤ 2), the half-width of the dual box for
+    L ≥ 3 (a quadrature, computed when asked for).
     """
 
     delta: Float[Array, "K d"]
@@ -283,7 +285,6 @@ class Geometry(eqx.Module):
     m: Int[Array, " d"]
     sigma: Float[Array, " d"]
     signs: Float[Array, "L d"]
-    phi_inf: Float[Array, " d"]
 
     def __init__(self, u0, *, require_assumption_a: bool = True):
         """**Arguments:**
@@ -315,7 +316,10 @@ class Geometry(eqx.Module):
         self.m = m
         self.signs = _sign(u0)
         self.sigma = jnp.prod(self.signs, axis=0) * jnp.take_along_axis(self.signs, m[None], 0)[0]
-        self.phi_inf = _phi_inf(self.delta)
+
+    @property
+    def phi_inf(self) -> Float[Array, " d"]:
+        return _phi_inf(self.delta)
 
     @property
     def depth(self) -> int:

@@ -1,0 +1,102 @@
+"""The benchmark baselines (benchmarks/baselines.py) agree with the tight reference to the
+accuracy each should reach: the adaptive ODE baselines (rtol 1e-6) to 1e-4, gradient descent to
+O(η) with first-order convergence as η halves. A tiny workload keeps this fast."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import baselines as bl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def work():
+    return bl.w1(3, seed=1, n=5, d=12, L=3, T=2.0, k=2)
+
+
+@pytest.fixture(scope="module")
+def ref(work):
+    return bl.reference(work)
+
+
+def test_workload_matches_its_definition():
+    w = bl.w1(4, seed=3, n=7, d=20, L=2, T=3.0)
+    assert w.X.shape == (7, 20) and w.y.shape == (7,) and w.u0.shape == (4, 2, 20)
+    assert w.u0.dtype == np.float64 and (w.B, w.L, w.d, w.n) == (4, 2, 20, 7)
+    support = np.flatnonzero(w.theta_star)
+    assert len(support) == 5
+    assert np.all((np.abs(w.theta_star[support]) >= 1) & (np.abs(w.theta_star[support]) <= 2))
+    np.testing.assert_allclose(w.y, w.X @ w.theta_star)
+    np.testing.assert_allclose(w.alphas, [0.3, 0.3 * (10 / 3) ** (1 / 3), 0.3 * (10 / 3) ** (2 / 3), 1.0])
+    np.testing.assert_allclose(w.ts, np.linspace(0, 3.0, 11))
+    # Same seed, same workload.
+    np.testing.assert_array_equal(bl.w1(4, seed=3, n=7, d=20, L=2, T=3.0).u0, w.u0)
+
+
+def test_accuracy_is_max_relative_error():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((2, 3, 4))
+    theta = ref.copy()
+    theta[1, 2] *= 1 + 2e-3
+    theta[0, 1] *= 1 - 1e-3
+    assert bl.accuracy(theta, ref) == pytest.approx(2e-3, rel=1e-9)
+    ref[:, 0] = 0.0  # a zero reference row counts the absolute error
+    theta[:, 0] = 0.0
+    theta[1, 0, 0] = 5e-3
+    assert bl.accuracy(theta, ref) == pytest.approx(5e-3, rel=1e-9)
+    theta[0, 2, 1] = np.nan
+    assert np.isnan(bl.accuracy(theta, ref))
+    with pytest.raises(ValueError, match="shapes differ"):
+        bl.accuracy(theta[:1], ref)
+
+
+def test_reference_succeeds(work, ref):
+    assert ref["theta"].shape == (3, 11, 12)
+    np.testing.assert_allclose(ref["theta"][:, 0], np.prod(work.u0, axis=1), rtol=1e-14)
+    assert ref["time_s"] > 0 and ref["steps_min"] > 0
+
+
+def test_plain_vmap(work, ref):
+    r = bl.plain_vmap(work)
+    assert r["all_succeeded"] and r["theta"].shape == ref["theta"].shape
+    err = bl.accuracy(r["theta"], ref["theta"])
+    assert 0 < err < 1e-4, err
+    steps = np.array(r["steps"])
+    assert r["lane_efficiency"] == pytest.approx(steps.sum() / (3 * steps.max()))
+    assert 0 < r["lane_efficiency"] <= 1 and r["time_s"] > 0 and r["compile_s"] >= 0
+
+
+def test_scipy_per_init_on_one_core(work, ref):
+    r = bl.scipy_per_init(work, n_inits=2)
+    assert r["all_succeeded"] and r["theta"].shape == (2, 11, 12) and r["n_inits"] == 2
+    err = bl.accuracy(r["theta"], ref["theta"][:2])
+    assert 0 < err < 1e-4, err
+    assert r["extrapolated_B_s"] == pytest.approx(3 * r["time_per_init_s"])
+    # DOP853: 12 evaluations per attempted step, 2 to start, 3 more per dense-output step.
+    attempts = np.array(r["accepted"]) + np.array(r["rejected"])
+    assert np.all(np.array(r["nfev"]) >= 2 + 12 * attempts)
+    assert np.all(np.array(r["nfev"]) <= 2 + 15 * attempts)
+    one = r["one_core"]
+    assert all(v == "1" for v in one["env"].values())
+    if hasattr(os, "sched_setaffinity"):
+        assert len(one["affinity"]) == 1
+
+
+def test_gradient_descent_is_first_order(work, ref):
+    errs = []
+    for eta in (1e-2, 5e-3):
+        r = bl.gradient_descent(work, eta=eta)
+        assert r["theta"].shape == ref["theta"].shape and r["n_steps"] == round(2.0 / eta)
+        np.testing.assert_allclose(r["theta"][:, 0], ref["theta"][:, 0], rtol=1e-14)
+        errs.append(bl.accuracy(r["theta"], ref["theta"]))
+    assert 0 < errs[1] < errs[0] < 0.05, errs
+    assert 1.7 < errs[0] / errs[1] < 2.3, errs
+
+
+def test_gradient_descent_needs_whole_steps(work):
+    with pytest.raises(ValueError, match="whole numbers of steps"):
+        bl.gradient_descent(work, eta=0.3)
