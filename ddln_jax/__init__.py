@@ -1,58 +1,62 @@
 """ddln_jax: exact gradient and mirror flows of Deep Diagonal Linear Networks, in JAX."""
 
-from ._geometry import Geometry as Geometry
+# ruff: noqa: I001  (grouped by topic, one import per module)
 from ._init import (
     AssumptionA as AssumptionA,
-)
-from ._init import (
     balanced_init as balanced_init,
-)
-from ._init import (
     check_assumption_a as check_assumption_a,
-)
-from ._init import (
     gaussian_init as gaussian_init,
-)
-from ._init import (
     layered_init as layered_init,
-)
-from ._init import (
     zero_first_init as zero_first_init,
 )
 from ._losses import (
     AbstractLoss as AbstractLoss,
-)
-from ._losses import (
     CallableLoss as CallableLoss,
-)
-from ._losses import (
     LeastSquares as LeastSquares,
-)
-from ._losses import (
     Logistic as Logistic,
+)
+from ._geometry import Geometry as Geometry
+from ._flows import (
+    AbstractFormulation as AbstractFormulation,
+    DualFlow as DualFlow,
+    LayerFlow as LayerFlow,
+    MirrorFlow as MirrorFlow,
+    ReducedFlow as ReducedFlow,
+)
+from ._simulate import Status as Status, Trajectory as Trajectory, simulate as simulate
+from ._spec import SpecError as SpecError, SweepSpec as SweepSpec
+from ._sweep import (
+    load_trajectories as load_trajectories,
+    summary as summary,
+    sweep as sweep,
+)
+from ._results import open_results as open_results
+from ._theory import (
+    BoundReport as BoundReport,
+    EscapePrediction as EscapePrediction,
+    ImplicitBias as ImplicitBias,
+    LimitStatus as LimitStatus,
+    PLEstimate as PLEstimate,
+    SaddleToSaddle as SaddleToSaddle,
+    bound_report as bound_report,
+    c0 as c0,
+    detect_saddles as detect_saddles,
+    implicit_bias_limit as implicit_bias_limit,
+    kernel_limit as kernel_limit,
+    measure_escape_time as measure_escape_time,
+    phi_inf as phi_inf,
+    phi_inf_constant as phi_inf_constant,
+    pl_bound as pl_bound,
+    pl_constant as pl_constant,
+    pl_estimate as pl_estimate,
+    predict_escape_time as predict_escape_time,
+    predict_first_jump as predict_first_jump,
+    rescaled_time as rescaled_time,
+    scalar_hitting_time as scalar_hitting_time,
+    small_init_limit as small_init_limit,
+    sublinear_bound as sublinear_bound,
+    time_to_eps_table as time_to_eps_table,
+    weighted_l1_interpolator as weighted_l1_interpolator,
 )
 
 __version__ = "0.1.0"
-from ._flows import (
-    AbstractFormulation as AbstractFormulation,
-)
-from ._flows import (
-    DualFlow as DualFlow,
-)
-from ._flows import (
-    LayerFlow as LayerFlow,
-)
-from ._flows import (
-    MirrorFlow as MirrorFlow,
-)
-from ._flows import (
-    ReducedFlow as ReducedFlow,
-)
-from ._results import open_results as open_results
-from ._simulate import Status as Status
-from ._simulate import Trajectory as Trajectory
-from ._simulate import simulate as simulate
-from ._spec import SpecError as SpecError
-from ._spec import SweepSpec as SweepSpec
-from ._sweep import summary as summary
-from ._sweep import sweep as sweep

@@ -166,23 +166,12 @@ def _where_lanes(mask, new, old):
     return jax.tree_util.tree_map(pick, new, old)
 
 
-def _refill(config, data, carry, finished):
-    """Hand the next runs of the queue to the lanes in `finished` (and save at t = 0)."""
-    lanes, out = carry.lanes, carry.out
-    order = jnp.cumsum(finished.astype(jnp.int32), dtype=jnp.int32) - 1
-    new_job = carry.next_job + order
-    valid = finished & (new_job < data.n_jobs)
-    job = jnp.where(valid, new_job, 0)
-    fresh = jax.vmap(lambda j: _start(config, data, j))(job)
-    lanes = _where_lanes(valid, fresh, lanes)
-    lanes = eqx.tree_at(lambda l: l.job, lanes, jnp.where(finished & ~valid, _PENDING, lanes.job))
-    # A save time at t = 0 is recorded when the run starts.
-    at_zero = valid & (data.ts[0] == 0)
-    theta, loss, breg, _ = jax.vmap(lambda g, y: _observe(config, data, g, y))(lanes.geom, lanes.y)
-    out = _record(out, lanes.job, jnp.zeros_like(lanes.k), at_zero, theta, loss, breg)
-    lanes = eqx.tree_at(lambda l: l.k, lanes, jnp.where(at_zero, 1, lanes.k))
-    next_job = carry.next_job + jnp.sum(finished, dtype=jnp.int32)
-    return Carry(lanes, out, jnp.minimum(next_job, data.n_jobs), carry.iterations, carry.busy)
+def _lazy(pred, fn):
+    """`fn()` when `pred`, zeros of the same shapes otherwise. Only lane-sized values pass
+    through the branch: the per-job output buffers never do, so they are updated in place."""
+    shapes = jax.eval_shape(fn)
+    zeros = lambda: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    return jax.lax.cond(pred, fn, zeros)
 
 
 def _attempt(config, data, lane: Lanes):
@@ -274,26 +263,10 @@ def _locate(config, data, lanes, crossed, event):
     return jax.vmap(one)(lanes, event, crossed)
 
 
-def _finish(config, data, carry, done, status, t_final, y_final):
-    out = carry.out
-    lanes = carry.lanes
-    J = out.loss.shape[0]
-    rows = jnp.where(done & (lanes.job >= 0), lanes.job, J)
-    theta, loss, _, _ = jax.vmap(lambda g, y: _observe(config, data, g, y))(lanes.geom, y_final)
-    setter = lambda arr, val: arr.at[rows].set(val, mode="drop")
-    out = Outputs(
-        theta=out.theta, loss=out.loss, bregman=out.bregman,
-        theta_final=setter(out.theta_final, theta), loss_final=setter(out.loss_final, loss),
-        t_final=setter(out.t_final, t_final), status=setter(out.status, status),
-        steps=setter(out.steps, lanes.steps), rejected=setter(out.rejected, lanes.rejected),
-        drift=setter(out.drift, lanes.drift),
-    )
-    return eqx.tree_at(lambda c: c.out, carry, out)
-
-
 def _iteration(config, data, carry):
-    lanes = carry.lanes
+    lanes, out = carry.lanes, carry.out
     active = lanes.job >= 0
+    observe = jax.vmap(lambda g, y: _observe(config, data, g, y))
     new, saved, crossed, event = jax.vmap(lambda l: _attempt(config, data, l))(lanes)
     # Only what a step changes is selected (the geometry and the job stay as they are).
     moving = lambda l: (
@@ -302,51 +275,61 @@ def _iteration(config, data, carry):
     new = eqx.tree_at(moving, lanes, _where_lanes(active, moving(new), moving(lanes)))
     saved, crossed = saved & active, crossed & active
 
-    def save(args):
-        new, out = args
-        theta, loss, breg, drift = jax.vmap(lambda g, y: _observe(config, data, g, y))(
-            new.geom, new.y
-        )
-        out = _record(out, new.job, new.k, saved, theta, loss, breg)
-        new = eqx.tree_at(
-            lambda l: (l.k, l.drift),
-            new,
-            (new.k + saved.astype(jnp.int32), jnp.where(saved, jnp.maximum(new.drift, drift), new.drift)),
-        )
-        return new, out
-
     # Saves are rare next to steps: observe θ, f and the gaps only when some lane saves.
-    new, out = jax.lax.cond(jnp.any(saved), save, lambda a: a, (new, carry.out))
-    carry = Carry(new, out, carry.next_job, carry.iterations + 1,
-                  carry.busy + jnp.sum(active, dtype=jnp.int32))
+    theta, loss, breg, drift = _lazy(jnp.any(saved), lambda: observe(new.geom, new.y))
+    out = _record(out, new.job, new.k, saved, theta, loss, breg)
+    new = eqx.tree_at(
+        lambda l: (l.k, l.drift), new,
+        (new.k + saved.astype(jnp.int32), jnp.where(saved, jnp.maximum(new.drift, drift), new.drift)),
+    )
 
     if config.stop:
-        t_ev, y_ev = jax.lax.cond(
-            jnp.any(crossed),
-            lambda: _locate(config, data, lanes, crossed, event),
-            lambda: (new.t, new.y),
-        )
+        t_ev, y_ev = _lazy(jnp.any(crossed), lambda: _locate(config, data, lanes, crossed, event))
     else:
         t_ev, y_ev = new.t, new.y
-    lanes = carry.lanes
-    success = active & (lanes.t >= data.t1) & (lanes.k >= config.n_save)
-    max_steps = active & (lanes.steps >= data.max_steps)
+    success = active & (new.t >= data.t1) & (new.k >= config.n_save)
+    max_steps = active & (new.steps >= data.max_steps)
     # A run that fails after meeting a non-finite field is put down to that (as in simulate).
-    nonfinite = active & ((lanes.streak >= _NONFINITE_STREAK) | (max_steps & (lanes.nonfinite > 0)))
-    done = crossed | success | nonfinite | max_steps | (lanes.job == _UNSTARTED)
+    nonfinite = active & ((new.streak >= _NONFINITE_STREAK) | (max_steps & (new.nonfinite > 0)))
+    done = crossed | success | nonfinite | max_steps | (new.job == _UNSTARTED)
     status = jnp.select(
         [crossed, success, nonfinite, max_steps],
         [Status.EVENT, Status.SUCCESS, Status.NONFINITE, Status.MAX_STEPS],
         Status.FAILED,
     ).astype(jnp.int32)
-    t_final = jnp.where(crossed, t_ev, lanes.t)
-    y_final = _where_lanes(crossed, y_ev, lanes.y)
+    t_final = jnp.where(crossed, t_ev, new.t)
+    y_final = _where_lanes(crossed, y_ev, new.y)
 
-    def end_runs(carry):
-        carry = _finish(config, data, carry, done, status, t_final, y_final)
-        return _refill(config, data, carry, done)
+    # Runs that ended hand their lanes to the next runs of the queue.
+    order = jnp.cumsum(done.astype(jnp.int32), dtype=jnp.int32) - 1
+    new_job = carry.next_job + order
+    valid = done & (new_job < data.n_jobs)
+    job = jnp.where(valid, new_job, 0)
 
-    return jax.lax.cond(jnp.any(done), end_runs, lambda c: c, carry)
+    def ending():
+        theta_f, loss_f, _, _ = observe(new.geom, y_final)
+        fresh = jax.vmap(lambda j: _start(config, data, j))(job)
+        return theta_f, loss_f, fresh, observe(fresh.geom, fresh.y)
+
+    theta_f, loss_f, fresh, obs0 = _lazy(jnp.any(done), ending)
+    rows = jnp.where(done & active, new.job, out.loss.shape[0])
+    put = lambda arr, val: arr.at[rows].set(val, mode="drop")
+    out = Outputs(
+        theta=out.theta, loss=out.loss, bregman=out.bregman,
+        theta_final=put(out.theta_final, theta_f), loss_final=put(out.loss_final, loss_f),
+        t_final=put(out.t_final, t_final), status=put(out.status, status),
+        steps=put(out.steps, new.steps), rejected=put(out.rejected, new.rejected),
+        drift=put(out.drift, new.drift),
+    )
+    lanes = _where_lanes(valid, fresh, new)
+    lanes = eqx.tree_at(lambda l: l.job, lanes, jnp.where(done & ~valid, _PENDING, lanes.job))
+    # A save time at t = 0 is recorded when the run starts.
+    at_zero = valid & (data.ts[0] == 0)
+    out = _record(out, lanes.job, jnp.zeros_like(lanes.k), at_zero, obs0[0], obs0[1], obs0[2])
+    lanes = eqx.tree_at(lambda l: l.k, lanes, jnp.where(at_zero, 1, lanes.k))
+    next_job = jnp.minimum(carry.next_job + jnp.sum(done, dtype=jnp.int32), data.n_jobs)
+    busy = carry.busy + jnp.sum(active, dtype=jnp.int32)
+    return Carry(lanes, out, next_job, carry.iterations + 1, busy)
 
 
 def _empty(config, data):

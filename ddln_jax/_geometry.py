@@ -311,7 +311,8 @@ class Geometry(eqx.Module):
         sq = u0**2
         m = jnp.argmin(sq, axis=0)
         sq_m = jnp.take_along_axis(sq, m[None], axis=0)[0]
-        self.delta_full = sq - sq_m
+        # ≥ 0 exactly: under jit the two roundings of u² may differ at a tie.
+        self.delta_full = jnp.maximum(sq - sq_m, 0.0)
         self.delta = jnp.sort(self.delta_full, axis=0)[1:]
         self.m = m
         self.signs = _sign(u0)

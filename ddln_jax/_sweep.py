@@ -35,8 +35,10 @@ _SOLVERS = {
     "bosh3": dfx.Bosh3,
     "heun": dfx.Heun,
 }
-# Device memory allowed for one chunk's saved trajectories (θ at every save time).
+# Memory allowed for one chunk's saved trajectories (θ at every save time).
 _CHUNK_BYTES = 512 * 2**20
+# Above this, θ(t) of all runs is not assembled in memory: it stays in the chunk files.
+_THETA_BYTES = 2 * 2**30
 JOB_DIMS = ("depth", "problem", "shape", "alpha", "seed")
 
 
@@ -207,6 +209,13 @@ def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
 
     jobs = _jobs(spec)
     n_save = len(spec.save_times)
+    theta_bytes = 8 * spec.count() * n_save * d
+    keep_theta = theta_bytes <= _THETA_BYTES
+    if not keep_theta and store is None:
+        raise ValueError(
+            f"this sweep's θ(t) takes {theta_bytes / 2**30:.1f} GiB: give an output directory, "
+            "where it is kept chunk by chunk (`load_trajectories` reads it back)"
+        )
     chunk = max(1, min(spec.engine.chunk_size, _CHUNK_BYTES // (8 * n_save * d)))
     bar = _progress(spec.count(), progress)
     pieces, stats_all = [], []
@@ -236,7 +245,8 @@ def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
                 for c, idx in enumerate(_chunks(order, chunk)):
                     name = f"L{L}_p{p_seed}_c{c:04d}"
                     if store is not None and store.has_chunk(name):
-                        pieces.append(store.load_chunk(name))
+                        piece = store.load_chunk(name)
+                        pieces.append(piece if keep_theta else piece.drop_vars("theta"))
                         bar.update(len(idx))
                         continue
                     done = [0]
@@ -256,14 +266,44 @@ def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
                     ds = _chunk_dataset(spec, L, p_seed, jobs, idx, res, stats, f0[idx], c0, bregman)
                     if store is not None and jax.process_index() == 0:
                         store.write_chunk(name, ds)
-                    pieces.append(ds)
+                    pieces.append(ds if keep_theta else ds.drop_vars("theta"))
                     stats_all.append(stats)
     finally:
         bar.close()
     result = _assemble(spec, pieces, problems_ds, stats_all, bregman_note, devices)
+    result.attrs["theta_trajectories"] = (
+        "in this dataset" if keep_theta else "in the chunk files only (too large to assemble); "
+        "read them with ddln_jax.load_trajectories"
+    )
     if store is not None and jax.process_index() == 0:
         store.write_final(result)
     return result
+
+
+def load_trajectories(out, **selection) -> xr.DataArray:
+    """θ(t) of the runs of a sweep directory matching `selection` (e.g. `depth=3,
+    alpha=0.5`), read chunk by chunk: for sweeps too large to hold θ(t) in memory at once.
+
+    **Returns:** a DataArray with the run dimensions of the selection, `time` and `coord`.
+    """
+    chunks = sorted((Path(out) / "chunks").glob("*.nc"))
+    if not chunks:
+        raise ValueError(f"{str(Path(out))!r} holds no sweep chunks")
+    unknown = set(selection) - set(JOB_DIMS)
+    if unknown:
+        raise ValueError(f"selection keys must be among {JOB_DIMS}, got {sorted(unknown)}")
+    parts = []
+    for path in chunks:
+        ds = load_dataset(path)
+        mask = np.ones(ds.sizes["run"], bool)
+        for key, value in selection.items():
+            mask &= np.isin(ds[key].values, np.atleast_1d(value))
+        if mask.any():
+            parts.append(ds[["theta", *JOB_DIMS]].isel(run=np.flatnonzero(mask)))
+    if not parts:
+        raise ValueError(f"no run of {str(Path(out))!r} matches {selection}")
+    flat = xr.concat(parts, dim="run").set_index(run=list(JOB_DIMS)).unstack("run")
+    return flat["theta"].transpose(*[d for d in (*JOB_DIMS, "time", "coord") if d in flat["theta"].dims])
 
 
 def _assemble(spec, pieces, problems_ds, stats_all, bregman_note, devices) -> xr.Dataset:

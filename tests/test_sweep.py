@@ -259,3 +259,15 @@ def test_engine_marks_nonfinite_runs_and_keeps_the_rest():
     tr = dj.simulate(loss, u0, t1=1.0, ts=np.linspace(0, 1, 5), lanes=1, max_steps=3000)
     assert list(tr.status_name) == ["nonfinite", "success"]
     assert np.all(np.isfinite(tr.theta[1])) and 0.5 < float(tr.theta_final[0, 0]) <= 0.55
+
+
+def test_sweeps_too_large_for_memory_keep_trajectories_on_disk(smoke, tmp_path, monkeypatch):
+    """Past the memory budget, θ(t) stays in the chunk files and is read back by selection."""
+    monkeypatch.setattr("ddln_jax._sweep._THETA_BYTES", 1000)
+    with pytest.raises(ValueError, match="give an output directory"):
+        dj.sweep(SMOKE, progress=False)
+    ds = dj.sweep(SMOKE, tmp_path / "big", progress=False)
+    assert "theta" not in ds and "theta_final" in ds and "chunk files" in ds.attrs["theta_trajectories"]
+    theta = dj.load_trajectories(tmp_path / "big", depth=3, alpha=1.0)
+    ref = smoke[0].theta.sel(depth=[3], alpha=[1.0])
+    np.testing.assert_array_equal(theta.values, ref.values)
