@@ -142,12 +142,20 @@ class _Config(eqx.Module):
     progress: bool
 
 
-def _status(result, final_ok, nonfinite_trials):
+def _status(result, final_ok, nonfinite_trials, stop):
+    event = result == dfx.RESULTS.event_occurred
+    if stop:
+        # With explicit steps the only nonlinear solve is the event's root find; it fails to
+        # meet its tolerance when the threshold sits at the rounding level of f, yet the
+        # crossing was found: still an event, at the time the root finder reached.
+        for name in ("nonlinear_max_steps_reached", "nonlinear_divergence"):
+            if hasattr(dfx.RESULTS, name):
+                event = event | (result == getattr(dfx.RESULTS, name))
     status = jnp.where(
         result == dfx.RESULTS.successful,
         Status.SUCCESS,
         jnp.where(
-            result == dfx.RESULTS.event_occurred,
+            event,
             Status.EVENT,
             jnp.where(result == dfx.RESULTS.max_steps_reached, Status.MAX_STEPS, Status.FAILED),
         ),
@@ -251,7 +259,8 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
         t_final=t_final,
         theta_final=final["theta"],
         loss_final=final["loss"],
-        status=_status(sol.result, final_ok, sol.controller_state[2] if guarded else 0),
+        status=_status(sol.result, final_ok, sol.controller_state[2] if guarded else 0,
+                       config.stop),
         num_steps=sol.stats["num_steps"],
         num_accepted_steps=sol.stats["num_accepted_steps"],
         num_rejected_steps=sol.stats["num_rejected_steps"],

@@ -62,6 +62,11 @@ def test_stop_at_threshold_is_located_exactly(lsq_problem):
     np.testing.assert_allclose(tr.loss_final, eps * f0, rtol=1e-8)
     assert bool(jnp.all(jnp.isnan(tr.loss[tr.ts > tr.t_final])))
     assert bool(jnp.all(tr.loss[tr.ts <= tr.t_final] > eps * f0))
+    # A threshold at the rounding level of f is still found (the root finder cannot meet its
+    # tolerance there, the crossing is still located).
+    tiny = dj.simulate(lsq_problem, u0, t1=2000.0, stop_ratio=1e-18, rtol=1e-10, atol=1e-12)
+    assert tiny.status_name == "event" and tiny.t_final > tr.t_final
+    assert abs(float(tiny.loss_final) - 1e-18 * float(f0)) <= 1e-15 * float(f0)  # f's rounding
 
 
 def test_batch_keeps_per_run_status(lsq_problem):
