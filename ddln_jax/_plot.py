@@ -46,14 +46,21 @@ def plot_trajectories(trajectories: dict, path=None, *, title: str | None = None
     return fig
 
 
-def _ffill_time(da):
-    """Carry the last value forward along `time` (no bottleneck/numbagg needed)."""
-    axis = da.dims.index("time")
-    v = np.moveaxis(da.values, axis, -1)
-    idx = np.where(np.isnan(v), 0, np.arange(v.shape[-1]))
-    idx = np.maximum.accumulate(idx, axis=-1)
-    filled = np.take_along_axis(v, idx, axis=-1)
-    return da.copy(data=np.moveaxis(filled, -1, axis))
+def _reached(sub):
+    """time-to-ε with runs that ended without reaching ε counted as +inf (so that a median
+    over draws is not taken over the fast runs alone); failed runs stay NaN."""
+    from ._simulate import Status
+
+    t = sub["time_to_eps"]
+    return t.where(sub["status"] != Status.SUCCESS, np.inf)
+
+
+def _after_stop(sub):
+    """loss(t)/f(θ0), with the saves after a run's stop filled by its final (threshold) loss,
+    so that medians over draws do not jump when some runs have stopped."""
+    rel = sub["loss"] / sub["f0"]
+    stopped = sub["time"] > sub["t_final"]
+    return rel.where(~stopped, sub["loss_final"] / sub["f0"])
 
 
 def plot_sweep(ds, out_dir) -> list:
@@ -79,15 +86,21 @@ def plot_sweep(ds, out_dir) -> list:
     other = [d for d in ("problem", "shape", "seed") if d in ds["loss"].dims]
     paths = []
 
+    ts = ds.time.values
+    pos = ts[ts > 0]
+    # Log-spaced save times get a log time axis.
+    log_time = pos.size > 2 and np.allclose(np.diff(np.log(pos)), np.log(pos[1] / pos[0]), rtol=1e-6)
     fig, axes = plt.subplots(1, len(depths), figsize=(4.2 * len(depths), 3.6), sharey=True,
                              squeeze=False)
     for ax, L in zip(axes[0], depths):
         for a, c in zip(alphas, colors):
             sub = ds.sel(depth=L, alpha=a)
-            # A run stopped at its threshold keeps that value afterwards (for the median).
-            rel = _ffill_time(sub["loss"] / sub["f0"]).median(dim=other, skipna=True)
-            ax.semilogy(ds.time.values, rel.values, color=c, label=f"α={a:.3g}")
-        ax.set(title=f"L = {L}", xlabel="t")
+            rel = _after_stop(sub).median(dim=other, skipna=True)
+            keep = ts > 0 if log_time else slice(None)
+            ax.plot(ts[keep], rel.values[keep], color=c, label=f"α={a:.3g}")
+        t_end = float(np.nanmax(ds["t_final"].sel(depth=L).values))
+        ax.set(title=f"L = {L}", xlabel="t", yscale="log", xscale="log" if log_time else "linear",
+               xlim=(pos[0] if log_time else 0, t_end * 1.05))
     axes[0, 0].set_ylabel("f(θ(t)) / f(θ0)  (median over draws)")
     axes[0, -1].legend(fontsize=8)
     fig.tight_layout()
@@ -99,10 +112,10 @@ def plot_sweep(ds, out_dir) -> list:
     fig, ax = plt.subplots(figsize=(5, 3.8))
     if "time_to_eps" in ds and np.isfinite(ds.attrs.get("stop_ratio", np.nan)):
         for k, L in enumerate(depths):
-            med = ds["time_to_eps"].sel(depth=L).median(dim=other, skipna=True)
+            med = _reached(ds.sel(depth=L)).median(dim=other, skipna=True)
             ax.loglog(alphas, med.values, "o-", color=f"C{k}", label=f"L = {L}")
         ax.set(xlabel="α", ylabel=f"time to f ≤ {ds.attrs['stop_ratio']:g}·f(θ0)",
-               title="time to ε against init scale")
+               title="time to ε against init scale (median over draws)")
     else:
         for k, L in enumerate(depths):
             med = ds["loss_final"].sel(depth=L).median(dim=other, skipna=True)

@@ -24,6 +24,7 @@ depths = [2, 3, 4]
 formulation = "reduced"   # "layer" | "reduced" | "mirror" | "dual"
 t1 = 100.0
 n_save = 41               # or save_times = [...]
+save_spacing = "linear"   # or "log": t = 0, then n_save - 1 times from t1·1e-4 to t1
 stop_ratio = 1e-6         # optional: stop when f − f* ≤ ε (f(θ0) − f*)
 rtol = 1e-8
 atol = 1e-10
@@ -273,7 +274,8 @@ def _parse(raw, source) -> SweepSpec:
     init = InitSpec(scheme, alpha, iseeds, shape)
 
     r = _section(raw, "run", source, ["depths", "formulation", "t1", "n_save", "save_times",
-                                       "stop_ratio", "rtol", "atol", "solver", "max_steps"])
+                                       "save_spacing", "stop_ratio", "rtol", "atol", "solver",
+                                       "max_steps"])
     dr = RunSpec()
     depths = _list(source, "run", "depths", r.get("depths", list(dr.depths)),
                    lambda v: _int(source, "run", "depths", v, 1))
@@ -288,9 +290,15 @@ def _parse(raw, source) -> SweepSpec:
                      lambda v: _float(source, "run", "save_times", v, allow_zero=True))
         if any(b <= a for a, b in zip(save, save[1:])) or save[-1] > t1:
             raise _err(source, "run", "save_times", f"must increase within [0, t1 = {t1}], got {list(save)}")
+        if "save_spacing" in r:
+            raise _err(source, "run", "save_spacing", "only used with n_save, not save_times")
     else:
         n_save = _int(source, "run", "n_save", r.get("n_save", 41), 2)
-        save = tuple(float(t) for t in np.linspace(0.0, t1, n_save))
+        spacing = _choice(source, "run", "save_spacing", r.get("save_spacing", "linear"), ("linear", "log"))
+        if spacing == "log":
+            save = (0.0, *(float(t) for t in np.geomspace(t1 * 1e-4, t1, n_save - 1)))
+        else:
+            save = tuple(float(t) for t in np.linspace(0.0, t1, n_save))
     stop = r.get("stop_ratio")
     if stop is not None:
         stop = _float(source, "run", "stop_ratio", stop)
@@ -334,8 +342,9 @@ seeds = [0, 1, 2, 3]
 [run]
 depths = [2, 3, 4]
 formulation = "reduced"
-t1 = 1000.0
+t1 = 3000.0
 n_save = 101
+save_spacing = "log"
 stop_ratio = 1e-6
 rtol = 1e-8
 atol = 1e-10

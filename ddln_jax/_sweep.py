@@ -345,7 +345,7 @@ def summary(ds: xr.Dataset) -> str:
     lines = []
     has_eps = np.isfinite(ds.attrs.get("stop_ratio", math.nan))
     head = f"{'depth':>5} {'alpha':>9} {'runs':>5} {'failed':>6} "
-    head += f"{'median time-to-eps':>19}" if has_eps else f"{'median final loss':>18}"
+    head += f"{'reached eps':>11} {'median time-to-eps':>19}" if has_eps else f"{'median final loss':>18}"
     lines.append(head)
     for L in ds.depth.values:
         for a in ds.alpha.values:
@@ -353,9 +353,11 @@ def summary(ds: xr.Dataset) -> str:
             st = sub["status"].values.ravel()
             failed = int(np.sum((st != Status.SUCCESS) & (st != Status.EVENT)))
             if has_eps:
-                vals = sub["time_to_eps"].values.ravel()
-                val = np.nanmedian(vals) if np.any(np.isfinite(vals)) else math.nan
-                cell = f"{val:>19.4g}"
+                # Runs that ended at t1 above ε count as +inf in the median.
+                vals = np.where(st == Status.SUCCESS, np.inf, sub["time_to_eps"].values.ravel())
+                val = np.nanmedian(vals) if np.any(~np.isnan(vals)) else math.nan
+                reached = int(np.sum(st == Status.EVENT))
+                cell = f"{reached:>11} {val:>19.4g}"
             else:
                 cell = f"{np.nanmedian(sub['loss_final'].values):>18.3e}"
             lines.append(f"{int(L):>5} {a:>9.4g} {st.size:>5} {failed:>6} {cell}")
