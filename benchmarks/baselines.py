@@ -567,14 +567,19 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def workload_args(p: argparse.ArgumentParser) -> None:
+    """The command-line options that size W1 (shared with sweep_bench.py)."""
     p.add_argument("--B", type=int, default=64)
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--d", type=int, default=1000)
     p.add_argument("--L", type=int, default=3)
     p.add_argument("--T", type=float, default=50.0)
     p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    workload_args(p)
     p.add_argument("--scipy-inits", type=int, default=None, help="inits for scipy (default all)")
     p.add_argument("--eta", type=float, default=1e-3)
     p.add_argument("--torch-norm", default="max_lane_rms", choices=["max_lane_rms", "joint_rms"])

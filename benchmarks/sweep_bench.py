@@ -63,12 +63,7 @@ def engine(work: bl.Workload, lanes: int, *, rtol: float = bl.RTOL, atol: float 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--B", type=int, default=64)
-    p.add_argument("--n", type=int, default=100)
-    p.add_argument("--d", type=int, default=1000)
-    p.add_argument("--L", type=int, default=3)
-    p.add_argument("--T", type=float, default=50.0)
-    p.add_argument("--seed", type=int, default=0)
+    bl.workload_args(p)
     p.add_argument("--lanes", type=int, nargs="+", default=[16], help="engine lane counts to time")
     p.add_argument("--scipy-inits", type=int, default=None,
                    help="inits solved by scipy (default all), extrapolated to B")

@@ -100,3 +100,20 @@ def test_gradient_descent_is_first_order(work, ref):
 def test_gradient_descent_needs_whole_steps(work):
     with pytest.raises(ValueError, match="whole numbers of steps"):
         bl.gradient_descent(work, eta=0.3)
+
+
+def test_sweep_bench_script_writes_its_json(tmp_path):
+    """benchmarks/sweep_bench.py end to end at a tiny size: the engine row is accurate and the
+    JSON carries the machine, the ratios and every method's accuracy."""
+    import json
+
+    import sweep_bench as sb
+
+    out = tmp_path / "bench.json"
+    sb.main(["--B", "4", "--n", "5", "--d", "12", "--T", "2", "--lanes", "2",
+             "--skip", "scipy", "torchdiffeq", "gradient_descent", "--json", str(out)])
+    res = json.loads(out.read_text())
+    rows = {r["name"]: r for r in res["results"]}
+    assert rows["engine_lanes2"]["rel_err"] <= res["accuracy_required"] == 1e-5
+    assert 0 < rows["engine_lanes2"]["lane_efficiency"] <= 1
+    assert "plain_vmap_over_engine" in res["ratios"] and res["machine"]["jax_backend"] == "cpu"
