@@ -271,3 +271,37 @@ def test_sweeps_too_large_for_memory_keep_trajectories_on_disk(smoke, tmp_path, 
     theta = dj.load_trajectories(tmp_path / "big", depth=3, alpha=1.0)
     ref = smoke[0].theta.sel(depth=[3], alpha=[1.0])
     np.testing.assert_array_equal(theta.values, ref.values)
+
+
+def test_user_data_sweep_equals_the_generated_problem(smoke, tmp_path):
+    """kind = "data" with the smoke problem's X and y reproduces the smoke sweep."""
+    ds, _ = smoke
+    np.savez(tmp_path / "data.npz", X=ds.X.sel(problem=0).values, y=ds.y.sel(problem=0).values)
+    spec = _spec.SMOKE_SPEC.replace('kind = "sparse_regression"', 'kind = "data"\npath = "data.npz"')
+    spec = "\n".join(line for line in spec.splitlines() if not line.startswith(("n =", "d =")))
+    path = _write_spec(tmp_path / "data.toml", spec)
+    mine = dj.sweep(path, progress=False)
+    np.testing.assert_allclose(mine.time_to_eps.values, ds.time_to_eps.values, rtol=1e-12)
+    np.testing.assert_allclose(mine.theta.values, ds.theta.values, rtol=1e-12, atol=1e-15)
+
+
+def test_logistic_sweep(tmp_path):
+    """Logistic problems: separable draws have f* = 0, runs stop at ε f(θ0), no D_Q."""
+    spec = {**SMOKE, "problem": {**SMOKE["problem"], "kind": "logistic"},
+            "run": {**SMOKE["run"], "depths": [2], "stop_ratio": 0.1}}
+    ds = dj.sweep(spec, progress=False)
+    assert "bregman" not in ds and "logistic" in ds.attrs["bregman"]
+    assert ds.f_star.values.tolist() == [0.0] and np.isnan(ds.pl_mu.values).all()
+    assert np.all(ds.status.values == dj.Status.EVENT)
+    np.testing.assert_allclose(ds.loss_final, 0.1 * ds.f0, rtol=1e-8)
+
+
+@pytest.mark.parametrize("formulation", ["layer", "mirror"])
+def test_engine_runs_every_formulation(lsq_problem, formulation):
+    keys = jax.random.split(jax.random.PRNGKey(9), 4)
+    u0 = np.stack([dj.gaussian_init(k, 3, 30, a) for k, a in zip(keys, [0.4, 0.6, 0.8, 1.0])])
+    kw = dict(t1=10.0, ts=np.linspace(0, 10, 6), rtol=1e-10, atol=1e-12, formulation=formulation)
+    a = dj.simulate(lsq_problem, u0, lanes=2, **kw)
+    b = dj.simulate(lsq_problem, u0, formulation="reduced", t1=10.0, ts=kw["ts"], rtol=1e-10, atol=1e-12)
+    assert list(a.status_name) == ["success"] * 4
+    np.testing.assert_allclose(a.theta, b.theta, rtol=1e-8, atol=1e-11)
