@@ -52,8 +52,10 @@ def run_queue(
     `targets` are the loss thresholds (used when `config.stop`); `size` pads the queue to a
     fixed length (default: B); `on_jobs(n)` is told how many runs have ended.
     """
-    u0 = np.asarray(u0, np.float64)
-    targets = np.asarray(targets, np.float64)
+    u0 = np.asarray(u0)
+    dtype = u0.dtype if np.issubdtype(u0.dtype, np.floating) else np.float64
+    u0 = u0.astype(dtype)
+    targets = np.asarray(targets, dtype)
     J = u0.shape[0]
     devices = list(devices) if devices is not None else jax.devices()[:1]
     D = len(devices)
@@ -64,9 +66,9 @@ def run_queue(
     pad = lambda x: np.concatenate([x, np.repeat(x[-1:], slots - J, 0)]) if slots > J else x
     u0p, tgp = pad(u0[order]), pad(targets[order])
     d = u0.shape[-1]
-    theta_star = np.zeros(d) if theta_star is None else np.asarray(theta_star, np.float64)
-    common = (np.asarray(ts, np.float64), np.asarray(t1, np.float64), np.asarray(rtol, np.float64),
-              np.asarray(atol, np.float64), theta_star, np.asarray(max_steps, np.int32))
+    theta_star = np.zeros(d, dtype) if theta_star is None else np.asarray(theta_star, dtype)
+    common = (np.asarray(ts, dtype), np.asarray(t1, dtype), np.asarray(rtol, dtype),
+              np.asarray(atol, dtype), theta_star, np.asarray(max_steps, np.int32))
     if D == 1:
         data = EngineData(loss, u0p, tgp, np.asarray(J, np.int32), *common)
         data = jax.tree_util.tree_map(jnp.asarray, data)

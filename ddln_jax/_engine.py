@@ -312,6 +312,9 @@ def _iteration(config, data, carry):
         return theta_f, loss_f, fresh, observe(fresh.geom, fresh.y)
 
     theta_f, loss_f, fresh, obs0 = _lazy(jnp.any(done), ending)
+    # A run that ends on a non-finite θ or loss is non-finite, whatever ended it.
+    finite = jnp.isfinite(loss_f) & jnp.all(jnp.isfinite(theta_f), axis=-1)
+    status = jnp.where(done & active & ~finite, Status.NONFINITE, status).astype(jnp.int32)
     rows = jnp.where(done & active, new.job, out.loss.shape[0])
     put = lambda arr, val: arr.at[rows].set(val, mode="drop")
     out = Outputs(
@@ -384,6 +387,50 @@ def _global(x, sharding):
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+_SHARDED_PROGRAMS: dict = {}
+
+
+def _sharded_programs(config, static, spec_shared, devices):
+    """The jitted, sharded start and round of one engine (built once per configuration)."""
+    key = (config, static, tuple(devices))
+    try:
+        return _SHARDED_PROGRAMS[key]
+    except TypeError:  # something unhashable in the loss: no caching
+        key = None
+    except KeyError:
+        pass
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.asarray(devices), ("dev",))
+    smap = _shard_map()
+    squeeze = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)
+    expand = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], t)
+
+    def with_data(local, dyn):
+        local = squeeze(local)
+        shared = eqx.combine(dyn, static)
+        return eqx.tree_at(
+            lambda d: (d.u0, d.targets, d.n_jobs), shared,
+            (local["u0"], local["targets"], local["n_jobs"]),
+            is_leaf=lambda x: x is None,
+        )
+
+    def start(local, dyn):
+        return expand(_empty(config, with_data(local, dyn)))
+
+    def round_(local, dyn, carry):
+        return expand(engine_round(config, with_data(local, dyn), squeeze(carry)))
+
+    programs = (
+        jax.jit(smap(start, mesh, (P("dev"), spec_shared), P("dev"))),
+        jax.jit(smap(round_, mesh, (P("dev"), spec_shared, P("dev")), P("dev"))),
+    )
+    if key is not None:
+        _SHARDED_PROGRAMS[key] = programs
+    return programs
+
+
 class _Sharded:
     """The engine on several devices: each device runs its own lanes on its own share of
     the queue (no communication), and the host loops until every device is done."""
@@ -392,43 +439,16 @@ class _Sharded:
         from jax.sharding import Mesh, NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        D = len(devices)
         mesh = Mesh(np.asarray(devices), ("dev",))
         split, whole = NamedSharding(mesh, P("dev")), NamedSharding(mesh, P())
         local = {"u0": data.u0, "targets": data.targets, "n_jobs": data.n_jobs}
         self.local = {k: _global(v, split) for k, v in local.items()}
         shared = eqx.tree_at(lambda d: (d.u0, d.targets, d.n_jobs), data, (None, None, None))
-        self.shared = jax.tree_util.tree_map(
-            lambda x: _global(x, whole) if eqx.is_array(x) else x, shared
-        )
-        smap = _shard_map()
-        squeeze = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)
-        expand = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], t)
-
-        def with_data(local, shared):
-            local = squeeze(local)
-            return eqx.tree_at(
-                lambda d: (d.u0, d.targets, d.n_jobs), shared,
-                (local["u0"], local["targets"], local["n_jobs"]),
-                is_leaf=lambda x: x is None,
-            )
-
-        def start(local, shared):
-            return expand(_empty(config, with_data(local, shared)))
-
-        def round_(local, shared, carry):
-            return expand(engine_round(config, with_data(local, shared), squeeze(carry)))
-
-        dyn = eqx.filter(self.shared, eqx.is_array)
-        self._static = eqx.filter(self.shared, eqx.is_array, inverse=True)
-        spec_shared = jax.tree_util.tree_map(lambda _: P(), dyn)
-        combine = lambda d: eqx.combine(d, self._static)
-        self._start = jax.jit(smap(lambda l, d: start(l, combine(d)), mesh, (P("dev"), spec_shared), P("dev")))
-        self._round = jax.jit(
-            smap(lambda l, d, c: round_(l, combine(d), c), mesh, (P("dev"), spec_shared, P("dev")), P("dev"))
-        )
-        self._dyn = dyn
-        self.devices = D
+        shared = jax.tree_util.tree_map(lambda x: _global(x, whole) if eqx.is_array(x) else x, shared)
+        self._dyn = eqx.filter(shared, eqx.is_array)
+        static = eqx.filter(shared, eqx.is_array, inverse=True)
+        spec_shared = jax.tree_util.tree_map(lambda _: P(), self._dyn)
+        self._start, self._round = _sharded_programs(config, static, spec_shared, devices)
 
     def start(self):
         return self._start(self.local, self._dyn)
@@ -465,7 +485,8 @@ def run_engine(
         if not bool(np.any(np.asarray(carry.lanes.job) != _PENDING)):
             break
     iterations = int(np.max(np.asarray(carry.iterations)))
-    executed = int(np.sum(np.asarray(carry.iterations))) * config.lanes
+    # Lane-steps of the wall-clock: devices that finished early count as idle lanes.
+    executed = iterations * config.lanes * (1 if devices is None else len(devices))
     useful = int(np.sum(np.asarray(carry.out.steps)))
     stats = {
         "iterations": iterations,

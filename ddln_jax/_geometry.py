@@ -180,7 +180,7 @@ def _psi_inv_solve(theta, delta):
         return theta
     if K == 1:
         d = delta[0]
-        return theta * jnp.sqrt(2 / (d + jnp.sqrt(d**2 + 4 * theta**2)))
+        return theta * jnp.sqrt(2 / (d + jnp.hypot(d, 2 * theta)))  # hypot: no overflow
     # Newton on h(v) = log ψ(e^v) = v + ½ Σ log(e^{2v} + δ_j), convex with slope in [1, L]:
     # from an upper bound it decreases monotonically to the root, for any |θ| and δ.
     a = jnp.abs(theta)

@@ -17,6 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import jax
 import xarray as xr
 
 from ._spec import SpecError, SweepSpec
@@ -55,9 +56,11 @@ class ResultStore:
             probe.close()
         except OSError as e:
             raise ValueError(f"output directory {str(self.root)!r} is not writable ({e.strerror})") from e
+        self.writer = jax.process_index() == 0  # with several hosts, one writes
         # Leftovers of a write that was killed half-way.
-        for stale in (self.root / "chunks").glob("*.tmp"):
-            stale.unlink(missing_ok=True)
+        if self.writer:
+            for stale in [*(self.root / "chunks").glob("*.tmp"), *self.root.glob("*.tmp")]:
+                stale.unlink(missing_ok=True)
         spec_file = self.root / "spec.json"
         if spec_file.exists():
             try:
@@ -70,7 +73,7 @@ class ResultStore:
                     f"(digest {old.get('digest')}, this spec {spec.digest()}); refusing to mix "
                     "them: choose another directory or remove this one"
                 )
-        else:
+        elif self.writer:
             payload = {"digest": spec.digest(), "spec": spec.to_dict()}
             tmp = spec_file.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
@@ -93,7 +96,7 @@ class ResultStore:
         return self.root / "problems.nc"
 
     def write_problems(self, ds: xr.Dataset) -> None:
-        if not self.problems_path.exists():
+        if self.writer and not self.problems_path.exists():
             _atomic_write(ds, self.problems_path)
 
     @property

@@ -247,6 +247,19 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
     t_final = sol.ts[last]
     final_ok = jnp.all(jnp.isfinite(final["theta"])) & jnp.isfinite(final["loss"])
     saved = jnp.arange(n) < last
+    status = _status(sol.result, final_ok, sol.controller_state[2] if guarded else 0, config.stop)
+    if config.stop:
+        # A threshold already met at t = 0 stops the run there (diffrax events need a sign
+        # change, so the solve above ran on): as the engine does.
+        theta0 = form.theta(geom, core(y0))
+        at_start = loss(theta0) <= target
+        t_final = jnp.where(at_start, 0.0, t_final).astype(t_final.dtype)
+        final = {
+            "theta": jnp.where(at_start, theta0, final["theta"]),
+            "loss": jnp.where(at_start, loss(theta0), final["loss"]),
+        }
+        saved = jnp.where(at_start, ts <= 0, saved)
+        status = jnp.where(at_start, Status.EVENT, status).astype(jnp.int32)
 
     def mask(x):
         return jnp.where(saved.reshape((-1,) + (1,) * (x.ndim - 1)), x[:n], jnp.nan)
@@ -259,8 +272,7 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
         t_final=t_final,
         theta_final=final["theta"],
         loss_final=final["loss"],
-        status=_status(sol.result, final_ok, sol.controller_state[2] if guarded else 0,
-                       config.stop),
+        status=status,
         num_steps=sol.stats["num_steps"],
         num_accepted_steps=sol.stats["num_accepted_steps"],
         num_rejected_steps=sol.stats["num_rejected_steps"],
@@ -346,7 +358,11 @@ def simulate(
     batch = u0.ndim == 3
     for i, ui in enumerate(u0 if batch else [u0]):
         check_init(ui, f"u0[{i}]" if batch else "u0")
-    dtype = u0.dtype
+    # Work in the wider of the layers' and the loss data's dtypes (mixing them would change
+    # the state's dtype inside the solver loop).
+    data_dtypes = [x.dtype for x in jax.tree_util.tree_leaves(loss) if eqx.is_inexact_array(x)]
+    dtype = jnp.result_type(u0.dtype, *data_dtypes)
+    u0 = u0.astype(dtype)
     form = as_formulation(formulation)
     d = u0.shape[-1]
     check_loss_at(loss, u0[..., 0, :] if not batch else u0[0, 0])
@@ -385,7 +401,7 @@ def simulate(
         dt0 = jnp.asarray(positive_scalar("dt0", dt0), dtype)
     elif isinstance(controller, dfx.ConstantStepSize):
         raise ValueError("`dt0` is required with a constant step size")
-    max_steps = positive_int("max_steps", max_steps)
+    max_steps = positive_int("max_steps", max_steps, maximum=2**31 - 1)
 
     save = (save,) if isinstance(save, str) else tuple(save)
     unknown = [s for s in save if s not in SAVEABLE]

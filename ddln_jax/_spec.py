@@ -73,6 +73,7 @@ class ProblemSpec:
     noise: float = 0.0
     seeds: tuple[int, ...] = (0,)
     path: str | None = None
+    data_sha256: str | None = None  # of X and y (kind = "data"): changed data, changed spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +247,9 @@ def _parse(raw, source) -> SweepSpec:
             raise _err(source, "problem", "path", f"{str(file)!r} must hold finite X (n, d) and y (n,)")
         n, d = X.shape
         path = str(file.resolve())
+        data_sha = hashlib.sha256(np.ascontiguousarray(X).tobytes() + np.ascontiguousarray(y).tobytes()).hexdigest()
     else:
+        data_sha = None
         if path is not None:
             raise _err(source, "problem", "path", f"only used with kind = 'data', not {kind!r}")
         n = _int(source, "problem", "n", p.get("n", dp.n), 1)
@@ -259,7 +262,7 @@ def _parse(raw, source) -> SweepSpec:
                   lambda v: _int(source, "problem", "seeds", v, 0))
     if kind == "data" and len(seeds) != 1:
         raise _err(source, "problem", "seeds", "kind = 'data' has one problem: use seeds = [0]")
-    problem = ProblemSpec(kind, n, d, sparsity, noise, seeds, path)
+    problem = ProblemSpec(kind, n, d, sparsity, noise, seeds, path, data_sha)
 
     i = _section(raw, "init", source, ["scheme", "alpha", "seeds", "shape"])
     di = InitSpec()
@@ -295,8 +298,10 @@ def _parse(raw, source) -> SweepSpec:
     else:
         n_save = _int(source, "run", "n_save", r.get("n_save", 41), 2)
         spacing = _choice(source, "run", "save_spacing", r.get("save_spacing", "linear"), ("linear", "log"))
-        if spacing == "log":
+        if spacing == "log" and n_save > 2:
             save = (0.0, *(float(t) for t in np.geomspace(t1 * 1e-4, t1, n_save - 1)))
+        elif spacing == "log":
+            save = (0.0, t1)
         else:
             save = tuple(float(t) for t in np.linspace(0.0, t1, n_save))
     stop = r.get("stop_ratio")
@@ -310,6 +315,8 @@ def _parse(raw, source) -> SweepSpec:
         raise _err(source, "run", "rtol", f"is below what float64 can deliver, got {rtol}")
     solver = _choice(source, "run", "solver", r.get("solver", dr.solver), SOLVERS)
     max_steps = _int(source, "run", "max_steps", r.get("max_steps", dr.max_steps), 1)
+    if max_steps > 2**31 - 1:
+        raise _err(source, "run", "max_steps", f"must be < 2**31, got {max_steps}")
     run = RunSpec(depths, formulation, t1, save, stop, rtol, atol, solver, max_steps)
 
     e = _section(raw, "engine", source, ["lanes", "chunk_size", "devices"])

@@ -243,7 +243,9 @@ def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
                 targets = f_star + ratio * (f0 - f_star)
                 theta_min = np.nan_to_num(prob.theta_min)
                 for c, idx in enumerate(_chunks(order, chunk)):
-                    name = f"L{L}_p{p_seed}_c{c:04d}"
+                    # The chunk size is in the name: a resume with another chunk size must not
+                    # take old chunks for new ones (they hold other runs).
+                    name = f"L{L}_p{p_seed}_n{chunk}_c{c:04d}"
                     if store is not None and store.has_chunk(name):
                         piece = store.load_chunk(name)
                         pieces.append(piece if keep_theta else piece.drop_vars("theta"))
@@ -264,7 +266,7 @@ def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
                     bar.update(len(idx) - done[0])
                     c0 = np.array([_c0(inits[i]) for i in idx])
                     ds = _chunk_dataset(spec, L, p_seed, jobs, idx, res, stats, f0[idx], c0, bregman)
-                    if store is not None and jax.process_index() == 0:
+                    if store is not None and store.writer:
                         store.write_chunk(name, ds)
                     pieces.append(ds if keep_theta else ds.drop_vars("theta"))
                     stats_all.append(stats)
@@ -275,7 +277,7 @@ def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
         "in this dataset" if keep_theta else "in the chunk files only (too large to assemble); "
         "read them with ddln_jax.load_trajectories"
     )
-    if store is not None and jax.process_index() == 0:
+    if store is not None and store.writer:
         store.write_final(result)
     return result
 

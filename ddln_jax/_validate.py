@@ -74,11 +74,13 @@ def positive_scalar(name: str, value, *, allow_zero: bool = False) -> float:
     return value
 
 
-def positive_int(name: str, value, *, minimum: int = 1) -> int:
+def positive_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
         raise TypeError(f"`{name}` must be an integer, got {_short(value)}")
     if int(value) < minimum:
         raise ValueError(f"`{name}` must be an integer ≥ {minimum}, got {int(value)}")
+    if maximum is not None and int(value) > maximum:
+        raise ValueError(f"`{name}` must be an integer ≤ {maximum}, got {int(value)}")
     return int(value)
 
 

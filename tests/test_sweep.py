@@ -141,6 +141,11 @@ def test_four_cpu_devices_give_the_same_results(tmp_path):
             assert np.array_equal(np.isnan(a), np.isnan(b)), name
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=name)
         assert np.array_equal(one.status.values, four.status.values)
+        # The sharded engine is compiled once per configuration, not once per call.
+        from ddln_jax import _engine
+        n = len(_engine._SHARDED_PROGRAMS)
+        dj.sweep(spec, progress=False, devices=jax.devices())
+        assert len(_engine._SHARDED_PROGRAMS) == n == 1
         print("OK", float(np.nanmax(np.abs(one.theta.values - four.theta.values))))
         """
     )
@@ -177,6 +182,7 @@ def test_cli_default_sweep_at_reduced_size(smoke, tmp_path, capsys):
         ({"run": {"stop_ratio": 2.0}}, r"\[run\] stop_ratio: must be in \(0, 1\), got 2.0"),
         ({"problem": {"kind": "ridge"}}, r"\[problem\] kind: must be one of"),
         ({"problem": {"d": 3, "sparsity": 5}}, r"\[problem\] sparsity: must be ≤ d = 3"),
+        ({"run": {"max_steps": 2**31}}, r"\[run\] max_steps: must be < 2\*\*31"),
         ({"run": {"formulation": "mirror"}, "init": {"scheme": "balanced", "seeds": [0]}},
          r"\[run\] formulation: 'mirror' needs Assumption A"),
     ],
@@ -259,6 +265,12 @@ def test_engine_marks_nonfinite_runs_and_keeps_the_rest():
     tr = dj.simulate(loss, u0, t1=1.0, ts=np.linspace(0, 1, 5), lanes=1, max_steps=3000)
     assert list(tr.status_name) == ["nonfinite", "success"]
     assert np.all(np.isfinite(tr.theta[1])) and 0.5 < float(tr.theta_final[0, 0]) <= 0.55
+    # A run that reaches t1 with a NaN loss (finite field) is non-finite too, on both paths.
+    nan_loss = lambda th: jnp.where(jnp.sum(th**2) > 4.0, jnp.nan, jnp.sum((th - 3.0) ** 2))
+    u0 = 0.5 * np.random.default_rng(1).normal(size=(2, 3, 4))
+    for lanes in (2, None):
+        tr = dj.simulate(nan_loss, u0, t1=50.0, ts=[0.0, 50.0], lanes=lanes)
+        assert list(tr.status_name) == ["nonfinite", "nonfinite"], lanes
 
 
 def test_sweeps_too_large_for_memory_keep_trajectories_on_disk(smoke, tmp_path, monkeypatch):
@@ -305,3 +317,49 @@ def test_engine_runs_every_formulation(lsq_problem, formulation):
     b = dj.simulate(lsq_problem, u0, formulation="reduced", t1=10.0, ts=kw["ts"], rtol=1e-10, atol=1e-12)
     assert list(a.status_name) == ["success"] * 4
     np.testing.assert_allclose(a.theta, b.theta, rtol=1e-8, atol=1e-11)
+
+
+def test_resume_with_another_chunk_size_loses_no_run(tmp_path):
+    spec = {**SMOKE, "run": {**SMOKE["run"], "depths": [2]}, "engine": {"lanes": 1, "chunk_size": 4}}
+    out = tmp_path / "out"
+    first = dj.sweep(spec, out, progress=False)
+    (out / "results.nc").unlink()
+    next((out / "chunks").glob("*c0001.nc")).unlink()  # as if killed before the last chunk
+    other = {**spec, "engine": {"lanes": 1, "chunk_size": 6}}
+    again = dj.sweep(other, out, progress=False)
+    assert np.all(again.status.values == dj.Status.EVENT)
+    np.testing.assert_allclose(again.time_to_eps.values, first.time_to_eps.values, rtol=1e-10)
+
+
+def test_changed_user_data_is_a_different_spec(smoke, tmp_path):
+    ds, _ = smoke
+    np.savez(tmp_path / "data.npz", X=ds.X.sel(problem=0).values, y=ds.y.sel(problem=0).values)
+    text = {"problem": {"kind": "data", "path": str(tmp_path / "data.npz")}}
+    before = dj.SweepSpec.from_dict({**SMOKE, **text}).digest()
+    np.savez(tmp_path / "data.npz", X=ds.X.sel(problem=0).values, y=10 * ds.y.sel(problem=0).values)
+    assert dj.SweepSpec.from_dict({**SMOKE, **text}).digest() != before
+
+
+def test_threshold_met_at_the_start_stops_at_zero(lsq_problem):
+    u0 = np.asarray(dj.gaussian_init(jax.random.PRNGKey(2), 3, 30, 0.5))[None]
+    f0 = float(lsq_problem(jnp.prod(u0[0], axis=0)))
+    for lanes in (1, None):
+        tr = dj.simulate(lsq_problem, u0, t1=5.0, ts=np.linspace(0, 5, 3), stop_ratio=0.5,
+                         f_star=2 * f0, lanes=lanes)
+        assert tr.status_name[0] == "event" and float(tr.t_final[0]) == 0.0, lanes
+        np.testing.assert_allclose(tr.loss[0], [f0, np.nan, np.nan], rtol=1e-14)
+
+
+def test_mixed_dtypes(lsq_problem):
+    u0 = np.asarray(dj.gaussian_init(jax.random.PRNGKey(2), 2, 30, 0.5), np.float32)[None]
+    tr = dj.simulate(lsq_problem, u0, t1=1.0, ts=[0.0, 1.0])  # float64 data: run in float64
+    assert tr.theta.dtype == jnp.float64 and tr.status_name[0] == "success"
+    loss32 = dj.LeastSquares(np.asarray(lsq_problem.X, np.float32), np.asarray(lsq_problem.y, np.float32))
+    tr = dj.simulate(loss32, u0, t1=1.0, ts=[0.0, 1.0], lanes=1)
+    assert tr.theta.dtype == jnp.float32 and tr.status_name[0] == "success"
+
+
+def test_log_spaced_saves_end_at_t1():
+    for n in (2, 5):
+        spec = dj.SweepSpec.from_dict({**SMOKE, "run": {**SMOKE["run"], "n_save": n, "save_spacing": "log"}})
+        assert spec.save_times[0] == 0 and spec.save_times[-1] == SMOKE["run"]["t1"] and len(spec.save_times) == n

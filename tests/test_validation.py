@@ -110,6 +110,7 @@ def test_float32_tolerance(small):
         ({"t1": 1.0, "stop_ratio": 1.5}, ValueError, r"`stop_ratio` must be in \(0, 1\), got 1.5"),
         ({"t1": 1.0, "rtol": -1.0}, ValueError, r"`rtol` must be finite and > 0, got -1.0"),
         ({"t1": 1.0, "max_steps": 0}, ValueError, r"`max_steps` must be an integer ≥ 1, got 0"),
+        ({"t1": 1.0, "max_steps": 2**31}, ValueError, r"`max_steps` must be an integer ≤ 2147483647"),
         ({"t1": 1.0, "solver": "tsit5"}, TypeError, r"`solver` must be a diffrax solver, got 'tsit5'"),
         ({"t1": 1.0, "stepsize_controller": dfx.ConstantStepSize()}, ValueError, r"`dt0` is required"),
     ],
