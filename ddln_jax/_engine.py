@@ -93,7 +93,6 @@ class Carry(eqx.Module):
     out: Outputs
     next_job: jax.Array
     iterations: jax.Array
-    busy: jax.Array  # Σ over iterations of the number of lanes with a run
 
 
 def _controller(data):
@@ -331,8 +330,7 @@ def _iteration(config, data, carry):
     out = _record(out, lanes.job, jnp.zeros_like(lanes.k), at_zero, obs0[0], obs0[1], obs0[2])
     lanes = eqx.tree_at(lambda l: l.k, lanes, jnp.where(at_zero, 1, lanes.k))
     next_job = jnp.minimum(carry.next_job + jnp.sum(done, dtype=jnp.int32), data.n_jobs)
-    busy = carry.busy + jnp.sum(active, dtype=jnp.int32)
-    return Carry(lanes, out, next_job, carry.iterations + 1, busy)
+    return Carry(lanes, out, next_job, carry.iterations + 1)
 
 
 def _empty(config, data):
@@ -352,11 +350,7 @@ def _empty(config, data):
     )
     lanes = eqx.tree_at(lambda l: l.job, lanes, jnp.full(config.lanes, _UNSTARTED, jnp.int32))
     zero = jnp.zeros((), jnp.int32)
-    return Carry(lanes, out, zero, zero, zero)
-
-
-def engine_start(config: EngineConfig, data: EngineData) -> Carry:
-    return _empty(config, data)
+    return Carry(lanes, out, zero, zero)
 
 
 @eqx.filter_jit
@@ -474,7 +468,7 @@ def run_engine(
         carry = engine.start()
         step = engine.round
     else:
-        carry = engine_start(config, data)
+        carry = _empty(config, data)
         step = lambda c: engine_round(config, data, c)
     n_jobs = np.asarray(data.n_jobs)
     while True:

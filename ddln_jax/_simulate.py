@@ -281,7 +281,7 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
     )
 
 
-@functools.partial(eqx.filter_jit)
+@eqx.filter_jit
 def _solve_batched(config, loss, u0, ts, t1, controller, dt0, target, theta_star):
     fn = functools.partial(_solve, config, loss)
     if u0.ndim == 2:
