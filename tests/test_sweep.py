@@ -363,3 +363,14 @@ def test_log_spaced_saves_end_at_t1():
     for n in (2, 5):
         spec = dj.SweepSpec.from_dict({**SMOKE, "run": {**SMOKE["run"], "n_save": n, "save_spacing": "log"}})
         assert spec.save_times[0] == 0 and spec.save_times[-1] == SMOKE["run"]["t1"] and len(spec.save_times) == n
+
+
+def test_theory_table_on_a_real_sweep(smoke):
+    """time_to_eps_table on the sweep's own dataset: every run beats its PL-bound time, and
+    reading time-to-ε off the saved loss at a larger ε gives earlier times."""
+    ds, _ = smoke
+    table = dj.time_to_eps_table(ds)
+    assert float(table.ratio.max()) <= 1.0 and np.all(table.reached_fraction.values == 1)
+    np.testing.assert_allclose(table.time_to_eps.values, ds.time_to_eps.values, rtol=1e-12)
+    looser = dj.time_to_eps_table(ds, eps=1e-2)
+    assert np.all(looser.time_to_eps.values < table.time_to_eps.values)
