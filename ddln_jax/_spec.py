@@ -332,7 +332,7 @@ def _parse(raw, source) -> SweepSpec:
 
 DEFAULT_SPEC = """\
 # The default sweep of `ddln sweep`: planted sparse regression, depths 2-4, six init scales,
-# four init draws each, every run stopped when f ≤ 1e-6 f(θ0). About a minute on 2 CPU cores.
+# four init draws each, every run stopped when f ≤ 1e-6 f(θ0). About 20 s on 2 CPU cores.
 [problem]
 kind = "sparse_regression"
 n = 20
