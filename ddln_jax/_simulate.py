@@ -208,6 +208,7 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
             if "grad_Q" in config.save:
                 out["grad_Q"] = phi
             if "bregman" in config.save:
+                # Geometry.bregman's formula, reusing w and Φ(w) computed above.
                 out["bregman"] = jnp.sum(theta_star * (phi_star - phi) - 0.5 * (w_star - w) * (w_star + w))
         if grad_integral:
             out["grad_integral"] = y[1]

@@ -27,6 +27,7 @@ from ._problems import Problem, make_problem
 from ._results import ResultStore, load_dataset
 from ._simulate import Status
 from ._spec import SpecError, SweepSpec
+from ._theory import c0 as theory_c0
 
 _SOLVERS = {
     "tsit5": dfx.Tsit5,
@@ -83,14 +84,6 @@ def _versions():
         except importlib.metadata.PackageNotFoundError:  # pragma: no cover
             out[pkg] = "unknown"
     return out
-
-
-def _c0(u0: np.ndarray) -> float:
-    """c0 = min_i ∏_{j≠m} δ_{j,i} (g ≥ c0 along the flow; MATH.md §5.4)."""
-    if u0.shape[0] == 1:
-        return 1.0
-    sq = np.sort(u0**2, axis=0)
-    return float(np.min(np.prod(sq[1:] - sq[:1], axis=0)))
 
 
 def _problems_dataset(spec, problems: list[Problem]) -> xr.Dataset:
@@ -264,7 +257,7 @@ def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
                         size=size, on_jobs=on_jobs,
                     )
                     bar.update(len(idx) - done[0])
-                    c0 = np.array([_c0(inits[i]) for i in idx])
+                    c0 = np.asarray(theory_c0(inits[idx]))
                     ds = _chunk_dataset(spec, L, p_seed, jobs, idx, res, stats, f0[idx], c0, bregman)
                     if store is not None and store.writer:
                         store.write_chunk(name, ds)
