@@ -6,10 +6,14 @@ A plain `jax.vmap(diffeqsolve)` steps every lane until the slowest lane is done.
 ends takes the next run from a queue. Runs are dealt hardest first (longest-processing-time
 scheduling), so the lanes run out of work at nearly the same time.
 
-Save times are hit exactly: a step that would pass the next save time is clipped to it. The
-loss threshold (`targets`) is located inside the step that crossed it by regula falsi on the
-solver's dense interpolation. Every run ends with a `Status`; a failed run never stops the
-others. The loop runs in rounds of `round_steps` steps so that the host can report progress.
+Save times are hit exactly: a step that would pass the next save time is clipped to it (such
+steps do not count against `max_steps`, as diffrax's interpolated saves do not). The loss
+threshold (`targets`) is located inside the step that crossed it on the solver's dense
+interpolation, with the same root finder as `simulate`'s event, and every run's status comes
+from the same decision (`_solution.decide_status`); a failed run never stops the others. This
+module is a pure-JAX kernel; the host driver (queue order, padding, devices, progress) is
+`_batch.py`. The loop runs in rounds of `round_steps` steps so that the host can report
+progress.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._flows import AbstractFormulation
-from ._geometry import Geometry
-from ._simulate import _NONFINITE_STREAK, Status
+from ._solution import (
+    NONFINITE_STREAK,
+    decide_status,
+    finite_tree,
+    locate_event,
+)
 
 _PENDING = -1  # a job not finished yet / a lane without a job
 _UNSTARTED = -2  # a lane before its first job (the first iteration hands them out)
-_ROOT_ITERS = 60
 
 
 class EngineConfig(eqx.Module):
@@ -68,11 +75,12 @@ class Lanes(eqx.Module):
     ctrl_state: object
     k: jax.Array
     steps: jax.Array
+    budget: jax.Array  # steps that count against max_steps (not those clipped to a save)
     rejected: jax.Array
     streak: jax.Array  # consecutive non-finite trial steps
     nonfinite: jax.Array  # all non-finite trial steps of the run
     drift: jax.Array
-    geom: Geometry
+    geom: eqx.Module
 
 
 class Outputs(eqx.Module):
@@ -138,7 +146,7 @@ def _start(config, data, job):
     """A lane at the start of run `job`."""
     form = config.formulation
     u0 = data.u0[job]
-    geom = Geometry(u0)
+    geom = form.geometry(u0)
     y0 = form.initial_state(geom, u0)
     args = (data.loss, geom)
     term = _term(config)
@@ -151,7 +159,8 @@ def _start(config, data, job):
     zero = jnp.zeros((), jnp.int32)
     return Lanes(
         job=job, t=t0, dt=t_next - t0, y=y0, solver_state=solver_state, ctrl_state=ctrl_state,
-        k=zero, steps=zero, rejected=zero, streak=zero, nonfinite=zero, drift=drift, geom=geom,
+        k=zero, steps=zero, budget=zero, rejected=zero, streak=zero, nonfinite=zero, drift=drift,
+        geom=geom,
     )
 
 
@@ -190,7 +199,7 @@ def _attempt(config, data, lane: Lanes):
     keep, nt0, nt1, _, ctrl_state1, _ = ctrl.adapt_step_size(
         lane.t, t_end, lane.y, y1, args, y_err, err_order, lane.ctrl_state
     )
-    finite = jnp.all(jnp.isfinite(y1)) & jnp.all(jnp.isfinite(y_err))
+    finite = finite_tree(y1, y_err)
     keep = keep & finite
     dt = jnp.where(finite, nt1 - nt0, 0.2 * (t_end - lane.t))
     # After a step shortened to hit a save time, do not let the short step shrink the next one.
@@ -215,6 +224,7 @@ def _attempt(config, data, lane: Lanes):
         ctrl_state=ctrl_state,
         k=lane.k,
         steps=lane.steps + 1,
+        budget=lane.budget + (~(keep & clipped)).astype(jnp.int32),
         rejected=lane.rejected + (~keep).astype(jnp.int32),
         streak=jnp.where(finite, 0, lane.streak + 1),
         nonfinite=lane.nonfinite + (~finite).astype(jnp.int32),
@@ -226,40 +236,17 @@ def _attempt(config, data, lane: Lanes):
 
 
 def _locate(config, data, lanes, crossed, event):
-    """Times and states where f(θ) crosses the target inside the crossing steps (regula
-    falsi, Illinois variant, on the dense interpolant)."""
+    """Times and states where f(θ) crosses the target inside the crossing steps."""
     form = config.formulation
     interp_cls = config.solver.interpolation_cls
 
-    def one(lane, ev, on):
+    def one(lane, ev):
         interp = interp_cls(t0=ev["t0"], t1=ev["t1"], **ev["dense"])
         target = data.targets[lane.job]
+        h = lambda t, y: data.loss(form.theta(lane.geom, y)) - target
+        return locate_event(interp, h, ev["t0"], ev["t1"])
 
-        def h(s):
-            theta = form.theta(lane.geom, interp.evaluate(s))
-            return data.loss(theta) - target
-
-        def body(_, c):
-            a, fa, b, fb, side = c
-            s = jnp.where(fa != fb, (a * fb - b * fa) / (fb - fa), 0.5 * (a + b))
-            s = jnp.clip(s, jnp.minimum(a, b), jnp.maximum(a, b))
-            fs = h(s)
-            left = fs > 0  # the root lies in [s, b]
-            a2, fa2 = jnp.where(left, s, a), jnp.where(left, fs, fa)
-            b2, fb2 = jnp.where(left, b, s), jnp.where(left, fb, fs)
-            # Illinois: halve the value at the end point that stayed twice in a row.
-            fb2 = jnp.where(left & (side == 1), 0.5 * fb2, fb2)
-            fa2 = jnp.where(~left & (side == -1), 0.5 * fa2, fa2)
-            return a2, fa2, b2, fb2, jnp.where(left, 1, -1)
-
-        a, b = ev["t0"], ev["t1"]
-        fa = jnp.where(on, h(a), 1.0)
-        fb = jnp.where(on, h(b), -1.0)
-        a, fa, b, fb, _ = jax.lax.fori_loop(0, _ROOT_ITERS, body, (a, fa, b, fb, 0))
-        s = jnp.where(jnp.abs(fa) < jnp.abs(fb), a, b)
-        return s, interp.evaluate(s)
-
-    return jax.vmap(one)(lanes, event, crossed)
+    return jax.vmap(one)(lanes, event)
 
 
 def _iteration(config, data, carry):
@@ -269,7 +256,8 @@ def _iteration(config, data, carry):
     new, saved, crossed, event = jax.vmap(lambda l: _attempt(config, data, l))(lanes)
     # Only what a step changes is selected (the geometry and the job stay as they are).
     moving = lambda l: (
-        l.t, l.dt, l.y, l.solver_state, l.ctrl_state, l.steps, l.rejected, l.streak, l.nonfinite
+        l.t, l.dt, l.y, l.solver_state, l.ctrl_state, l.steps, l.budget, l.rejected, l.streak,
+        l.nonfinite,
     )
     new = eqx.tree_at(moving, lanes, _where_lanes(active, moving(new), moving(lanes)))
     saved, crossed = saved & active, crossed & active
@@ -287,15 +275,9 @@ def _iteration(config, data, carry):
     else:
         t_ev, y_ev = new.t, new.y
     success = active & (new.t >= data.t1) & (new.k >= config.n_save)
-    max_steps = active & (new.steps >= data.max_steps)
-    # A run that fails after meeting a non-finite field is put down to that (as in simulate).
-    nonfinite = active & ((new.streak >= _NONFINITE_STREAK) | (max_steps & (new.nonfinite > 0)))
-    done = crossed | success | nonfinite | max_steps | (new.job == _UNSTARTED)
-    status = jnp.select(
-        [crossed, success, nonfinite, max_steps],
-        [Status.EVENT, Status.SUCCESS, Status.NONFINITE, Status.MAX_STEPS],
-        Status.FAILED,
-    ).astype(jnp.int32)
+    max_steps = active & (new.budget >= data.max_steps)
+    collapsed = active & (new.streak >= NONFINITE_STREAK)
+    done = crossed | success | collapsed | max_steps | (new.job == _UNSTARTED)
     t_final = jnp.where(crossed, t_ev, new.t)
     y_final = _where_lanes(crossed, y_ev, new.y)
 
@@ -311,9 +293,11 @@ def _iteration(config, data, carry):
         return theta_f, loss_f, fresh, observe(fresh.geom, fresh.y)
 
     theta_f, loss_f, fresh, obs0 = _lazy(jnp.any(done), ending)
-    # A run that ends on a non-finite θ or loss is non-finite, whatever ended it.
     finite = jnp.isfinite(loss_f) & jnp.all(jnp.isfinite(theta_f), axis=-1)
-    status = jnp.where(done & active & ~finite, Status.NONFINITE, status).astype(jnp.int32)
+    status = decide_status(
+        reached_end=success, event=crossed, max_steps=max_steps, failed=collapsed,
+        nonfinite_trials=new.nonfinite, final_ok=finite,
+    )
     rows = jnp.where(done & active, new.job, out.loss.shape[0])
     put = lambda arr, val: arr.at[rows].set(val, mode="drop")
     out = Outputs(

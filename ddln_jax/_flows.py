@@ -33,8 +33,12 @@ def layer_products_except(u):
 class AbstractFormulation(eqx.Module):
     """One way of writing the flow: a state, its θ, its w and its vector field."""
 
-    name: ClassVar[str]
-    needs_assumption_a: ClassVar[bool]
+    name: eqx.AbstractClassVar[str]
+    needs_assumption_a: eqx.AbstractClassVar[bool]
+
+    def geometry(self, u0) -> Geometry:
+        """The geometry object the vector field needs (built once per run from the init)."""
+        return Geometry(u0)
 
     @abc.abstractmethod
     def initial_state(self, geom: Geometry, u0):
@@ -49,12 +53,12 @@ class AbstractFormulation(eqx.Module):
         """The signed smallest layer w from the state."""
 
     @abc.abstractmethod
-    def vector_field(self, t, y, args):
-        """dy/dt; `args = (loss, geometry)`."""
-
     def layers(self, geom: Geometry, y):
         """The layers u from the state."""
-        return geom.layers(self.reduced(geom, y))
+
+    @abc.abstractmethod
+    def vector_field(self, t, y, args):
+        """dy/dt; `args = (loss, geometry)`."""
 
 
 class LayerFlow(AbstractFormulation):
@@ -95,6 +99,9 @@ class ReducedFlow(AbstractFormulation):
     def reduced(self, geom, y):
         return y
 
+    def layers(self, geom, y):
+        return geom.layers(self.reduced(geom, y))
+
     def vector_field(self, t, y, args):
         loss, geom = args
         return -_prod_sqrt(y, geom.delta) * loss.grad(geom.psi(y))
@@ -115,6 +122,9 @@ class MirrorFlow(AbstractFormulation):
     def reduced(self, geom, y):
         return geom.psi_inv(y)
 
+    def layers(self, geom, y):
+        return geom.layers(self.reduced(geom, y))
+
     def vector_field(self, t, y, args):
         loss, geom = args
         return -geom.metric(y) * loss.grad(y)
@@ -134,6 +144,9 @@ class DualFlow(AbstractFormulation):
 
     def reduced(self, geom, y):
         return geom.phi_inv(y)
+
+    def layers(self, geom, y):
+        return geom.layers(self.reduced(geom, y))
 
     def vector_field(self, t, y, args):
         loss, geom = args

@@ -20,32 +20,33 @@ from ._validate import as_float_array, is_tracer
 
 
 class AbstractLoss(eqx.Module):
-    """A convex, differentiable loss f of θ ∈ ℝ^d."""
+    """A convex, differentiable loss f of θ ∈ ℝ^d (abstract: every method is defined by each
+    final subclass, as equinox's abstract/final pattern asks)."""
 
     @abc.abstractmethod
     def __call__(self, theta: Float[Array, " d"]) -> Scalar:
         """f(θ)."""
 
+    @abc.abstractmethod
     def grad(self, theta: Float[Array, " d"]) -> Float[Array, " d"]:
-        """∇f(θ) (by `jax.grad` unless a subclass has a closed form)."""
-        return jax.grad(self.__call__)(theta)
+        """∇f(θ)."""
 
     @property
+    @abc.abstractmethod
     def dim(self) -> int | None:
         """Dimension d of θ, when the loss knows it."""
-        return None
 
+    @abc.abstractmethod
     def smoothness(self) -> float | None:
-        """Lipschitz constant of ∇f (None when unknown)."""
-        return None
+        """Lipschitz constant of ∇f (None when unknown). Host-side: needs concrete data."""
 
+    @abc.abstractmethod
     def pl_constant(self) -> float | None:
-        """μ with ½‖∇f‖² ≥ μ (f − f*) on ℝ^d, or None when f has no such constant."""
-        return None
+        """μ with ½‖∇f‖² ≥ μ (f − f*) on ℝ^d, or None when f has no such constant. Host-side."""
 
+    @abc.abstractmethod
     def minimum(self) -> float | None:
-        """f* = inf f (None when unknown)."""
-        return None
+        """f* = inf f (None when unknown). Host-side."""
 
 
 def _check_data(X, y):
@@ -150,6 +151,10 @@ class Logistic(AbstractLoss):
         (X,) = _concrete(self.X)
         return float(np.linalg.norm(X, 2) ** 2 / (4 * X.shape[0]))
 
+    def pl_constant(self):
+        """None: the logistic loss has no global PL constant."""
+        return None
+
     def separable(self) -> bool:
         """Whether some θ has y_i⟨x_i, θ⟩ > 0 for every i (then inf f = 0, not attained)."""
         from scipy.optimize import linprog
@@ -194,19 +199,32 @@ class CallableLoss(AbstractLoss):
 
     **Arguments:**
 
-    - `fn`: a jittable function of θ, shape `(d,)`, returning a scalar.
+    - `fn`: a jittable function of θ, shape `(d,)`, returning a scalar. It may be an
+      `eqx.Module` holding arrays: they stay leaves of the pytree (traced, differentiable).
     - `dim`: optional d, checked against the layers.
     """
 
-    fn: Callable = eqx.field(static=True)
+    fn: Callable
     _dim: int | None = eqx.field(static=True, default=None)
 
     def __call__(self, theta):
         return self.fn(theta)
 
+    def grad(self, theta):
+        return jax.grad(self.fn)(theta)
+
     @property
     def dim(self):
         return self._dim
+
+    def smoothness(self):
+        return None
+
+    def pl_constant(self):
+        return None
+
+    def minimum(self):
+        return None
 
 
 def as_loss(loss) -> AbstractLoss:
@@ -219,6 +237,11 @@ def as_loss(loss) -> AbstractLoss:
         f"`loss` must be a ddln_jax loss (LeastSquares, Logistic, ...) or a callable f(θ), "
         f"got {type(loss).__name__}"
     )
+
+
+def is_concrete(*trees) -> bool:
+    """Whether no array in `trees` is traced (host-side checks and constants are possible)."""
+    return not any(is_tracer(x) for x in jax.tree_util.tree_leaves(trees))
 
 
 def check_loss_at(loss: AbstractLoss, theta0) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import functools
 
 import diffrax as dfx
@@ -10,125 +9,31 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optimistix as optx
-from jaxtyping import Array, Float, Int
 
+from ._batch import run_queue
+from ._engine import EngineConfig
 from ._flows import AbstractFormulation, as_formulation
-from ._geometry import Geometry
-from ._init import check_assumption_a, check_init
-from ._losses import AbstractLoss, as_loss, check_loss_at
-from ._validate import _short, as_float_array, check_tolerance, positive_int, positive_scalar
-
-
-class Status(enum.IntEnum):
-    """Outcome of one run (stored as an integer array in a `Trajectory`)."""
-
-    SUCCESS = 0
-    MAX_STEPS = 1
-    NONFINITE = 2
-    EVENT = 3
-    FAILED = 4
-
-
-SAVEABLE = ("u", "grad_Q", "bregman", "conserved", "grad_integral")
-
-
-class Trajectory(eqx.Module):
-    """The result of [`ddln_jax.simulate`][]. Leading batch axes, if any, come first.
-
-    **Fields:**
-
-    - `ts`: save times, shape `(n,)`.
-    - `theta`: θ(t), shape `(n, d)`; `loss`: f(θ(t)), shape `(n,)`.
-    - `u`: layers u(t), `(n, L, d)`; `grad_Q`: ∇Q(θ(t)), `(n, d)`; `bregman`: D_Q(θ*, θ(t)),
-      `(n,)`; `conserved`: u^j(t)² − u^m(t)², `(n, L, d)`; `grad_integral`: ∫₀ᵗ ∇f(θ(s)) ds,
-      `(n, d)`. Each is `None` unless asked for in `save=`.
-    - `t_final`, `theta_final`, `loss_final`: the end of the run (t1, or the located time of
-      the loss threshold when the run stopped there).
-    - `status`: a [`ddln_jax.Status`][] code; `num_steps`, `num_accepted_steps`,
-      `num_rejected_steps`: solver statistics.
-
-    Save times after `t_final` (a run that stopped early) hold NaN.
-    """
-
-    ts: Float[Array, "*batch n"]
-    theta: Float[Array, "*batch n d"]
-    loss: Float[Array, "*batch n"]
-    t_final: Float[Array, "*batch"]
-    theta_final: Float[Array, "*batch d"]
-    loss_final: Float[Array, "*batch"]
-    status: Int[Array, "*batch"]
-    num_steps: Int[Array, "*batch"]
-    num_accepted_steps: Int[Array, "*batch"]
-    num_rejected_steps: Int[Array, "*batch"]
-    u: Float[Array, "*batch n L d"] | None = None
-    grad_Q: Float[Array, "*batch n d"] | None = None
-    bregman: Float[Array, "*batch n"] | None = None
-    conserved: Float[Array, "*batch n L d"] | None = None
-    grad_integral: Float[Array, "*batch n d"] | None = None
-    formulation: str = eqx.field(static=True, default="reduced")
-    lane_efficiency: float | None = eqx.field(static=True, default=None)
-
-    @property
-    def status_name(self):
-        """Status as names (a string, or an array of strings for a batch)."""
-        names = np.vectorize(lambda s: Status(int(s)).name.lower())(np.asarray(self.status))
-        return str(names) if names.ndim == 0 else names
-
-    @property
-    def succeeded(self):
-        """True where the run reached t1 or its loss threshold."""
-        s = np.asarray(self.status)
-        return (s == Status.SUCCESS) | (s == Status.EVENT)
-
-    def conservation_drift(self):
-        """max over t of |u^j(t)² − u^m(t)² − (same at t = 0)| (needs `save=('conserved',)`)."""
-        if self.conserved is None:
-            raise ValueError("run `simulate(..., save=('conserved',))` to record conserved quantities")
-        c = self.conserved
-        return jnp.nanmax(jnp.abs(c - c[..., :1, :, :]), axis=(-3, -2, -1))
-
-
-# Consecutive non-finite trial steps (each shrinking dt by 5×) before a run is declared
-# non-finite: 40 of them shrink the step by ~1e-28, far past any overflow of a too-large step.
-_NONFINITE_STREAK = 40
-
-
-class _NonfiniteGuard(dfx.AbstractStepSizeController):
-    """Wraps an adaptive controller: a non-finite trial step is rejected with dt/5 (the PID
-    controller alone would turn dt into NaN), a streak of them ends the run, and the count of
-    them is kept so that a failed run can be reported as non-finite."""
-
-    inner: dfx.AbstractStepSizeController
-
-    def wrap(self, direction):
-        return _NonfiniteGuard(self.inner.wrap(direction))
-
-    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
-        t_next, state = self.inner.init(terms, t0, t1, y0, dt0, args, func, error_order)
-        zero = jnp.array(0, jnp.int32)
-        return t_next, (state, zero, zero)
-
-    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, state):
-        inner_state, streak, total = state
-        leaves = jax.tree_util.tree_leaves((y1_candidate, y_error))
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-        keep, next_t0, next_t1, jump, new_state, result = self.inner.adapt_step_size(
-            t0, t1, y0, y1_candidate, args, y_error, error_order, inner_state
-        )
-        pick = lambda new, old: jnp.where(finite, new, old) if eqx.is_array(new) else new
-        new_state = jax.tree_util.tree_map(pick, new_state, inner_state)
-        streak = jnp.where(finite, 0, streak + 1)
-        total = total + jnp.where(finite, 0, 1)
-        result = dfx.RESULTS.where(streak >= _NONFINITE_STREAK, dfx.RESULTS.dt_min_reached, result)
-        return (
-            keep & finite,
-            jnp.where(finite, next_t0, t0),
-            jnp.where(finite, next_t1, t0 + 0.2 * (t1 - t0)),
-            jump & finite,
-            (new_state, streak, total),
-            result,
-        )
+from ._init import check_init, require_assumption_a
+from ._losses import as_loss, check_loss_at, is_concrete
+from ._solution import (
+    EVENT,
+    SAVEABLE,
+    NonfiniteGuard,
+    Trajectory,
+    decide_status,
+    event_root_finder,
+    status_item,
+)
+from ._validate import (
+    _short,
+    as_float_array,
+    check_size,
+    check_tolerances,
+    check_traced,
+    positive_int,
+    positive_scalar,
+    real_scalar,
+)
 
 
 class _Config(eqx.Module):
@@ -140,6 +45,8 @@ class _Config(eqx.Module):
     save: tuple[str, ...]
     stop: bool
     progress: bool
+    throw: bool
+    adjoint: dfx.AbstractAdjoint
 
 
 def _status(result, final_ok, nonfinite_trials, stop):
@@ -151,25 +58,19 @@ def _status(result, final_ok, nonfinite_trials, stop):
         for name in ("nonlinear_max_steps_reached", "nonlinear_divergence"):
             if hasattr(dfx.RESULTS, name):
                 event = event | (result == getattr(dfx.RESULTS, name))
-    status = jnp.where(
-        result == dfx.RESULTS.successful,
-        Status.SUCCESS,
-        jnp.where(
-            event,
-            Status.EVENT,
-            jnp.where(result == dfx.RESULTS.max_steps_reached, Status.MAX_STEPS, Status.FAILED),
-        ),
+    reached = result == dfx.RESULTS.successful
+    max_steps = result == dfx.RESULTS.max_steps_reached
+    return decide_status(
+        reached_end=reached, event=event, max_steps=max_steps,
+        failed=~(reached | event | max_steps), nonfinite_trials=nonfinite_trials,
+        final_ok=final_ok,
     )
-    failed = (status != Status.SUCCESS) & (status != Status.EVENT)
-    # A failed run whose trial steps met a non-finite vector field is put down to that.
-    nonfinite = ~final_ok | (failed & (nonfinite_trials > 0))
-    return jnp.where(nonfinite, Status.NONFINITE, status).astype(jnp.int32)
 
 
 def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_star):
     """One solve, traceable (vmapped for batches). Validation happens before, in `simulate`."""
     form = config.formulation
-    geom = Geometry(u0)
+    geom = form.geometry(u0)
     grad_integral = "grad_integral" in config.save
     y0 = form.initial_state(geom, u0)
     if grad_integral:
@@ -214,7 +115,8 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
             out["grad_integral"] = y[1]
         return out
 
-    guarded = not isinstance(controller, dfx.ConstantStepSize)
+    # Only adaptive controllers can reject a non-finite trial step and retry.
+    guarded = isinstance(controller, dfx.AbstractAdaptiveStepSizeController)
     event = None
     if config.stop:
 
@@ -222,7 +124,7 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
             loss_, geom_ = args
             return loss_(form.theta(geom_, core(y))) - target
 
-        event = dfx.Event(cond_fn, root_finder=optx.Newton(rtol=1e-12, atol=1e-14))
+        event = dfx.Event(cond_fn, root_finder=event_root_finder())
 
     sol = dfx.diffeqsolve(
         dfx.ODETerm(vector_field),
@@ -233,10 +135,11 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
         y0=y0,
         args=(loss, geom),
         saveat=dfx.SaveAt(ts=ts, t1=True, fn=save_fn, controller_state=guarded),
-        stepsize_controller=_NonfiniteGuard(controller) if guarded else controller,
+        stepsize_controller=NonfiniteGuard(controller) if guarded else controller,
         event=event,
         max_steps=config.max_steps,
-        throw=False,
+        adjoint=config.adjoint,
+        throw=config.throw,
         progress_meter=dfx.TqdmProgressMeter() if config.progress else dfx.NoProgressMeter(),
     )
     # diffrax packs the saves in time order: the valid `ts` saves, then the final state
@@ -260,7 +163,7 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
             "loss": jnp.where(at_start, loss(theta0), final["loss"]),
         }
         saved = jnp.where(at_start, ts <= 0, saved)
-        status = jnp.where(at_start, Status.EVENT, status).astype(jnp.int32)
+        status = jnp.where(at_start, EVENT, status).astype(jnp.int32)
 
     def mask(x):
         return jnp.where(saved.reshape((-1,) + (1,) * (x.ndim - 1)), x[:n], jnp.nan)
@@ -273,10 +176,10 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
         t_final=t_final,
         theta_final=final["theta"],
         loss_final=final["loss"],
-        status=status,
-        num_steps=sol.stats["num_steps"],
-        num_accepted_steps=sol.stats["num_accepted_steps"],
-        num_rejected_steps=sol.stats["num_rejected_steps"],
+        status=status_item(status),
+        num_steps=jnp.asarray(sol.stats["num_steps"], jnp.int32),
+        num_accepted_steps=jnp.asarray(sol.stats["num_accepted_steps"], jnp.int32),
+        num_rejected_steps=jnp.asarray(sol.stats["num_rejected_steps"], jnp.int32),
         formulation=form.name,
         **extras,
     )
@@ -286,21 +189,28 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
 def _solve_batched(config, loss, u0, ts, t1, controller, dt0, target, theta_star):
     fn = functools.partial(_solve, config, loss)
     if u0.ndim == 2:
-        return fn(u0, ts, t1, controller, dt0, target, theta_star)
-    return jax.vmap(fn, in_axes=(0, None, None, None, None, 0, None))(
+        traj = fn(u0, ts, t1, controller, dt0, target, theta_star)
+        one = jnp.ones((), ts.dtype)
+        return eqx.tree_at(lambda t: t.stats, traj, {"lane_efficiency": one})
+    traj = jax.vmap(fn, in_axes=(0, None, None, None, None, 0, None))(
         u0, ts, t1, controller, dt0, target, theta_star
     )
+    # A vmapped solve steps every run until the slowest one ends.
+    steps = traj.num_steps.astype(ts.dtype)
+    eff = jnp.sum(steps) / jnp.maximum(steps.size * jnp.max(steps), 1)
+    return eqx.tree_at(lambda t: t.stats, traj, {"lane_efficiency": eff})
 
 
 def _default_tolerances(dtype):
     return (1e-8, 1e-10) if jnp.dtype(dtype).itemsize >= 8 else (1e-5, 1e-7)
 
 
+
 def simulate(
     loss,
     u0,
     *,
-    t1: float,
+    t1,
     ts=None,
     formulation="reduced",
     solver: dfx.AbstractSolver | None = None,
@@ -313,11 +223,17 @@ def simulate(
     f_star: float | None = None,
     save=(),
     theta_star=None,
+    adjoint: dfx.AbstractAdjoint | None = None,
+    throw: bool = False,
     progress: bool = False,
     lanes: int | None = None,
     devices=None,
 ) -> Trajectory:
     """Integrate the gradient flow of a deep diagonal linear network from `u0`.
+
+    A pure function of its array arguments: it works under `jax.jit`/`eqx.filter_jit`,
+    `jax.vmap` and `jax.grad` (reverse mode through diffrax's `adjoint`). Inputs are checked
+    eagerly when they are concrete, and with `eqx.error_if` when traced.
 
     **Arguments:**
 
@@ -329,25 +245,33 @@ def simulate(
     - `ts`: save times in [0, t1], increasing (default: 101 evenly spaced).
     - `formulation`: `"layer"`, `"reduced"` (default, the fast exact path), `"mirror"` or
       `"dual"`; the last two need Assumption A.
-    - `solver`: a diffrax solver (default `diffrax.Tsit5()`).
+    - `solver`: a diffrax solver (default `diffrax.Tsit5()`); implicit solvers work too.
     - `rtol`, `atol`: tolerances of the default PID controller (default 1e-8/1e-10 in float64,
-      1e-5/1e-7 in float32); a relative tolerance below what the dtype delivers is refused.
+      1e-5/1e-7 in float32); a relative tolerance below what the dtype delivers, or ≥ 1, is
+      refused.
     - `dt0`: initial step (default: chosen by the controller; required for constant steps).
-    - `stepsize_controller`: a diffrax controller replacing the PID default (e.g.
-      `diffrax.ConstantStepSize()`).
-    - `max_steps`: step budget; a run that exhausts it has status `MAX_STEPS`.
+    - `stepsize_controller`: any diffrax controller replacing the PID default (e.g.
+      `diffrax.ConstantStepSize()`); adaptive ones are wrapped in a guard that rejects
+      non-finite trial steps and keeps their tolerances.
+    - `max_steps`: step budget; a run that exhausts it has status `Status.max_steps`.
     - `stop_ratio`: ε in (0, 1): stop when f(θ) − f* ≤ ε·(f(θ0) − f*), at the exact crossing
-      time (a diffrax event with root finding); status `EVENT`.
+      time (a diffrax event with root finding); status `Status.event`.
     - `f_star`: f* for `stop_ratio` (default: `loss.minimum()` when known, else 0).
     - `save`: extra quantities to record at `ts`, any of `"u"`, `"grad_Q"`, `"bregman"`,
       `"conserved"`, `"grad_integral"`.
     - `theta_star`: the reference point of `"bregman"` (D_Q(θ*, θ(t))), shape `(d,)`.
+    - `adjoint`: a diffrax adjoint for reverse mode (default
+      `diffrax.RecursiveCheckpointAdjoint()`, memory O(√max_steps · state); pass
+      `diffrax.RecursiveCheckpointAdjoint(checkpoints=k)` to bound memory at k states, or
+      `diffrax.BacksolveAdjoint()` for O(1) memory at the price of a backward solve).
+    - `throw`: raise on a failed run instead of returning its status (diffrax's `throw`).
     - `progress`: show a tqdm progress meter.
     - `lanes`: run a batch on the lane-refill engine with this many lanes instead of a plain
       `jax.vmap` (which steps every run until the slowest one ends). Much faster when the runs
-      need very different numbers of steps; save times are hit exactly and the loss threshold
-      is located on the dense output. Supports the default PID controller and
-      `save=("bregman",)`; `Trajectory.lane_efficiency` reports the share of busy lane-steps.
+      need very different numbers of steps. Host-driven (a queue), so not under `jax.jit`;
+      supports the default PID controller and `save=("bregman",)`. The result has the same
+      structure, shapes and dtypes as the vmapped one; `stats["lane_efficiency"]` reports the
+      share of busy lane-steps.
     - `devices`: with `lanes`, the devices to split the batch over (default: the first one).
 
     **Returns:** a [`ddln_jax.Trajectory`][].
@@ -355,25 +279,33 @@ def simulate(
     loss = as_loss(loss)
     if not isinstance(u0, jax.Array) and hasattr(u0, "__array__"):
         u0 = np.asarray(u0)
-    u0 = as_float_array("u0", u0, ndim=(2, 3))
+    u0 = check_init(u0, "u0", batch=True)
     batch = u0.ndim == 3
-    for i, ui in enumerate(u0 if batch else [u0]):
-        check_init(ui, f"u0[{i}]" if batch else "u0")
     # Work in the wider of the layers' and the loss data's dtypes (mixing them would change
     # the state's dtype inside the solver loop).
     data_dtypes = [x.dtype for x in jax.tree_util.tree_leaves(loss) if eqx.is_inexact_array(x)]
     dtype = jnp.result_type(u0.dtype, *data_dtypes)
     u0 = u0.astype(dtype)
     form = as_formulation(formulation)
-    d = u0.shape[-1]
-    check_loss_at(loss, u0[..., 0, :] if not batch else u0[0, 0])
+    L, d = u0.shape[-2:]
+    B = u0.shape[0] if batch else 1
+    check_loss_at(loss, jax.ShapeDtypeStruct((d,), dtype))
+    concrete = is_concrete(u0, loss)
 
-    t1 = positive_scalar("t1", t1)
+    t1 = real_scalar("t1", t1, dtype, positive=True)
     if ts is None:
-        ts = np.linspace(0.0, t1, 101)
-    ts = np.asarray(as_float_array("ts", ts, ndim=1))
-    if ts.size == 0 or np.any(np.diff(ts) <= 0) or ts[0] < 0 or ts[-1] > t1:
-        raise ValueError(f"`ts` must be increasing save times in [0, t1={t1}], got {_short(ts)}")
+        ts = jnp.linspace(0.0, 1.0, 101, dtype=dtype) * t1
+    else:
+        ts = as_float_array("ts", ts, ndim=1).astype(dtype)
+        if ts.shape[0] == 0:
+            raise ValueError("`ts` must hold at least one save time, got an empty array")
+        bad = (jnp.any(jnp.diff(ts) <= 0) | (ts[0] < 0) | (ts[-1] > t1))
+        ts = check_traced(ts, bad, f"`ts` must be increasing save times in [0, t1], got {_short(ts)}")
+    save = (save,) if isinstance(save, str) else tuple(save)
+    unknown = [s for s in save if s not in SAVEABLE]
+    if unknown:
+        raise ValueError(f"`save` entries must be among {SAVEABLE}, got {unknown}")
+    check_size(B, ts.shape[0], L, d, save, dtype)
 
     if solver is None:
         solver = dfx.Tsit5()
@@ -381,12 +313,10 @@ def simulate(
         raise TypeError(f"`solver` must be a diffrax solver, got {_short(solver)}")
     default_rtol, default_atol = _default_tolerances(dtype)
     if stepsize_controller is None:
-        rtol = default_rtol if rtol is None else positive_scalar("rtol", rtol)
-        atol = default_atol if atol is None else positive_scalar("atol", atol)
-        check_tolerance("rtol", rtol, dtype)
-        controller = dfx.PIDController(
-            rtol=jnp.asarray(rtol, dtype), atol=jnp.asarray(atol, dtype)
-        )
+        rtol = default_rtol if rtol is None else rtol
+        atol = default_atol if atol is None else atol
+        rtol, atol = check_tolerances(rtol, atol, dtype)
+        controller = dfx.PIDController(rtol=rtol, atol=atol)
     else:
         if not isinstance(stepsize_controller, dfx.AbstractStepSizeController):
             raise TypeError(
@@ -396,39 +326,32 @@ def simulate(
         if rtol is not None or atol is not None:
             raise ValueError("pass `rtol`/`atol` to your `stepsize_controller`, not to simulate")
         controller = stepsize_controller
-        if getattr(controller, "rtol", None) is not None:
-            check_tolerance("stepsize_controller.rtol", float(controller.rtol), dtype)
+        if isinstance(controller, dfx.AbstractAdaptiveStepSizeController):
+            check_tolerances(controller.rtol, controller.atol, dtype, prefix="stepsize_controller.")
     if dt0 is not None:
-        dt0 = jnp.asarray(positive_scalar("dt0", dt0), dtype)
+        dt0 = real_scalar("dt0", dt0, dtype, positive=True)
     elif isinstance(controller, dfx.ConstantStepSize):
         raise ValueError("`dt0` is required with a constant step size")
     max_steps = positive_int("max_steps", max_steps, maximum=2**31 - 1)
+    if adjoint is None:
+        adjoint = dfx.RecursiveCheckpointAdjoint()
+    if not isinstance(adjoint, dfx.AbstractAdjoint):
+        raise TypeError(f"`adjoint` must be a diffrax adjoint, got {_short(adjoint)}")
 
-    save = (save,) if isinstance(save, str) else tuple(save)
-    unknown = [s for s in save if s not in SAVEABLE]
-    if unknown:
-        raise ValueError(f"`save` entries must be among {SAVEABLE}, got {unknown}")
     geometric = {"grad_Q", "bregman"} & set(save)
     if form.needs_assumption_a or geometric:
-        for i, ui in enumerate(u0 if batch else [u0]):
-            report = check_assumption_a(ui)
-            if not report.holds:
-                why = f"the {form.name!r} formulation" if form.needs_assumption_a else (
-                    f"saving {sorted(geometric)}"
-                )
-                raise ValueError(
-                    f"`u0{f'[{i}]' if batch else ''}` violates Assumption A (ties at coordinates "
-                    f"{report.tied[:10].tolist()}), which {why} needs: the mirror potential Q is "
-                    "not defined on ℝ there. Use formulation='layer' or 'reduced', or perturb "
-                    "the init."
-                )
+        why = (
+            f"the {form.name!r} formulation" if form.needs_assumption_a
+            else f"saving {sorted(geometric)}"
+        )
+        u0 = require_assumption_a(u0, "u0", why)
     if "bregman" in save:
         if theta_star is None:
             raise ValueError("`theta_star` is required to save 'bregman' (D_Q(θ*, θ(t)))")
         theta_star = as_float_array("theta_star", theta_star, ndim=1).astype(dtype)
         if theta_star.shape != (d,):
             raise ValueError(f"`theta_star` must have shape ({d},), got {theta_star.shape}")
-    elif theta_star is not None:
+    else:
         theta_star = None
 
     target = jnp.zeros(u0.shape[:-2], dtype)
@@ -437,12 +360,19 @@ def simulate(
         if stop_ratio >= 1:
             raise ValueError(f"`stop_ratio` must be in (0, 1), got {stop_ratio}")
         if f_star is None:
-            f_star = loss.minimum() if _concrete_loss(loss) else None
+            f_star = loss.minimum() if concrete else None
             f_star = 0.0 if f_star is None else f_star
-        f0 = jax.vmap(lambda u: loss(jnp.prod(u, axis=0)))(u0.reshape(-1, *u0.shape[-2:]))
-        f0 = f0.reshape(u0.shape[:-2])
-        target = f_star + stop_ratio * (f0 - f_star)
+        f_star = real_scalar("f_star", f_star, dtype)
+        f0 = jax.vmap(lambda u: loss(jnp.prod(u, axis=0)))(u0.reshape(-1, L, d))
+        target = f_star + stop_ratio * (f0.reshape(u0.shape[:-2]) - f_star)
+    elif f_star is not None:
+        real_scalar("f_star", f_star, dtype)
     if lanes is not None:
+        if not concrete or isinstance(t1, jax.core.Tracer):
+            raise TypeError(
+                "`lanes` runs a host-driven queue of runs: call it outside `jax.jit`/`jax.vmap` "
+                "(or drop `lanes` to get a plain, traceable vmap)"
+            )
         if stepsize_controller is not None or dt0 is not None:
             raise ValueError("`lanes` runs the engine with its own PID controller: drop "
                              "`stepsize_controller`/`dt0`")
@@ -450,22 +380,19 @@ def simulate(
             raise ValueError(f"with `lanes`, `save` may only hold 'bregman', got {list(save)}")
         lanes = positive_int("lanes", lanes)
         return _simulate_on_engine(
-            loss, u0, form, solver, lanes, devices, ts, t1, rtol, atol, max_steps, target,
-            stop_ratio is not None, theta_star, progress,
+            loss, u0, form, solver, lanes, devices, np.asarray(ts), t1, rtol, atol, max_steps,
+            target, stop_ratio is not None, theta_star, progress,
         )
-    config = _Config(form, solver, max_steps, save, stop_ratio is not None, bool(progress))
-    return _solve_batched(
-        config, loss, u0, jnp.asarray(ts, dtype), jnp.asarray(t1, dtype), controller, dt0,
-        target, theta_star,
+    config = _Config(
+        form, solver, max_steps, save, stop_ratio is not None, bool(progress), bool(throw),
+        adjoint,
     )
+    return _solve_batched(config, loss, u0, ts, t1, controller, dt0, target, theta_star)
 
 
 def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, atol, max_steps,
                         target, stop, theta_star, progress):
     from tqdm.auto import tqdm
-
-    from ._batch import run_queue
-    from ._engine import EngineConfig
 
     batch = u0.ndim == 3
     U = np.asarray(u0 if batch else u0[None])
@@ -484,24 +411,24 @@ def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, at
 
     try:
         out, stats = run_queue(
-            config, loss, U, np.broadcast_to(np.asarray(target), (B,)), ts=ts, t1=t1, rtol=rtol,
-            atol=atol, max_steps=max_steps, theta_star=theta_star, devices=devices,
-            on_jobs=on_jobs,
+            config, loss, U, np.broadcast_to(np.asarray(target), (B,)), ts=ts, t1=float(t1),
+            rtol=float(rtol), atol=float(atol), max_steps=max_steps, theta_star=theta_star,
+            devices=devices, on_jobs=on_jobs,
         )
     finally:
         bar.close()
     pick = (lambda x: jnp.asarray(x)) if batch else (lambda x: jnp.asarray(x[0]))
     steps = out.steps.astype(np.int32)
+    rejected = out.rejected.astype(np.int32)
+    dtype = U.dtype
     return Trajectory(
-        ts=jnp.asarray(ts), theta=pick(out.theta), loss=pick(out.loss),
+        ts=pick(np.broadcast_to(np.asarray(ts, dtype), (B, len(ts)))),
+        theta=pick(out.theta), loss=pick(out.loss),
         t_final=pick(out.t_final), theta_final=pick(out.theta_final),
-        loss_final=pick(out.loss_final), status=pick(out.status), num_steps=pick(steps),
-        num_accepted_steps=pick(steps - out.rejected), num_rejected_steps=pick(out.rejected),
+        loss_final=pick(out.loss_final), status=status_item(pick(out.status)),
+        num_steps=pick(steps), num_accepted_steps=pick(steps - rejected),
+        num_rejected_steps=pick(rejected),
         bregman=pick(out.bregman) if theta_star is not None else None,
-        formulation=form.name, lane_efficiency=float(stats["lane_efficiency"]),
+        stats={"lane_efficiency": jnp.asarray(stats["lane_efficiency"], dtype)},
+        formulation=form.name,
     )
-
-
-def _concrete_loss(loss: AbstractLoss) -> bool:
-    leaves = jax.tree_util.tree_leaves(loss)
-    return not any(isinstance(x, jax.core.Tracer) for x in leaves)

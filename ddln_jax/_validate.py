@@ -98,3 +98,71 @@ def check_tolerance(name: str, value: float, dtype) -> None:
             f"`{name}`={value:g} is below what {jnp.dtype(dtype).name} can deliver "
             f"(10·eps = {10 * eps:.2g}).{hint}"
         )
+
+
+def check_traced(x, bad, message: str):
+    """Raise `ValueError(message)` when `bad` holds: eagerly for concrete values, through
+    `eqx.error_if` (a runtime error of the compiled program) when traced."""
+    import equinox as eqx
+
+    if is_tracer(bad):
+        return eqx.error_if(x, bad, message)
+    if bool(bad):
+        raise ValueError(message)
+    return x
+
+
+def real_scalar(name: str, value, dtype, *, positive: bool = False):
+    """A finite real scalar (positive if asked) as a 0-d array of `dtype`; traced values are
+    checked inside the compiled program."""
+    if isinstance(value, (str, bytes, bool)) or value is None or not (
+        isinstance(value, (numbers.Real, np.ndarray, np.generic, jax.Array))
+    ):
+        raise TypeError(f"`{name}` must be a real number, got {_short(value)}")
+    if np.ndim(value) != 0:
+        raise ValueError(f"`{name}` must be a scalar, got shape {np.shape(value)}")
+    if jnp.issubdtype(jnp.result_type(value), jnp.complexfloating):
+        raise TypeError(f"`{name}` must be a real number, got {_short(value)}")
+    x = jnp.asarray(value, dtype)
+    bad = ~jnp.isfinite(x) | ((x <= 0) if positive else False)
+    cond = "finite and > 0" if positive else "finite"
+    shown = value if is_tracer(value) else float(value)
+    return check_traced(x, bad, f"`{name}` must be {cond}, got {shown!r}")
+
+
+def check_tolerances(rtol, atol, dtype, *, prefix: str = ""):
+    """Relative/absolute tolerances: 10·eps ≤ rtol < 1 and 0 ≤ atol < 1 (a typo such as 1e8 for
+    1e-8 would otherwise give a confident wrong answer)."""
+    out = []
+    for name, value, lo in (("rtol", rtol, None), ("atol", atol, 0.0)):
+        full = prefix + name
+        if is_tracer(value):
+            x = jnp.asarray(value, dtype)
+            out.append(check_traced(x, ~jnp.isfinite(x) | (x < 0) | (x >= 1),
+                                    f"`{full}` must be in [0, 1)"))
+            continue
+        v = positive_scalar(full, value, allow_zero=lo is not None)
+        if v >= 1:
+            raise ValueError(f"`{full}` must be < 1 (a tolerance of 100% or more checks nothing), got {v!r}")
+        if lo is None:
+            check_tolerance(full, v, dtype)
+        out.append(jnp.asarray(v, dtype))
+    return tuple(out)
+
+
+# Beyond this, the saved arrays of one call would not fit in a laptop's memory: refuse with
+# the size instead of hanging in an allocation.
+MAX_SAVED_BYTES = 8 * 2**30
+
+
+def check_size(batch: int, n_save: int, L: int, d: int, save, dtype) -> None:
+    """Refuse, before allocating, a call whose saved arrays would exceed MAX_SAVED_BYTES."""
+    per_save = d + 1 + sum({"u": L * d, "conserved": L * d, "grad_Q": d, "bregman": 1,
+                            "grad_integral": d}[s] for s in save)
+    size = batch * n_save * per_save * jnp.dtype(dtype).itemsize
+    if size > MAX_SAVED_BYTES:
+        raise ValueError(
+            f"the saved trajectory would take {size / 2**30:.1f} GiB ({batch} runs × {n_save} save "
+            f"times × {per_save} numbers), over the {MAX_SAVED_BYTES / 2**30:.0f} GiB limit: save "
+            "fewer times (`ts`), fewer quantities, or split the batch"
+        )

@@ -40,8 +40,9 @@ def test_formulations(problem, L):
     ref = runs["layer"].theta
     for f, tr in runs.items():
         assert tr.status_name == "success", f
-        assert max_rel_err(tr.theta, ref) <= 1e-8, f
-        np.testing.assert_allclose(tr.loss, runs["layer"].loss, rtol=1e-8)
+        if f != "layer":  # the others against the ground truth
+            assert max_rel_err(tr.theta, ref) <= 1e-8, f
+            np.testing.assert_allclose(tr.loss, runs["layer"].loss, rtol=1e-8)
         residual = tr.grad_Q - tr.grad_Q[0] + tr.grad_integral
         assert float(jnp.max(jnp.abs(residual))) <= 1e-9, f
     # The inits are chosen so that some coordinate of θ changes sign along the way.
@@ -79,7 +80,7 @@ def test_batch_keeps_per_run_status(lsq_problem):
     assert str(single.status_name) == batch.status_name[2]
     np.testing.assert_allclose(batch.theta[2], single.theta, rtol=1e-12, equal_nan=True)
     # What a failed lane reached is kept, and its missing saves are NaN, not inf.
-    failed = np.flatnonzero(np.asarray(batch.status) == dj.Status.MAX_STEPS)[0]
+    failed = np.flatnonzero(np.asarray(batch.status == dj.Status.max_steps))[0]
     assert float(batch.t_final[failed]) < 5.0
     assert not np.any(np.isinf(np.asarray(batch.theta)))
 
