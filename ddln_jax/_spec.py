@@ -5,7 +5,7 @@ file, the section and the key:
 
 ```toml
 [problem]                 # what to fit
-kind = "sparse_regression"  # "sparse_regression" | "logistic" | "data"
+kind = "sparse_regression"  # "sparse_regression" | "logistic" | "data" | "custom"
 n = 30                    # samples
 d = 100                   # dimension
 sparsity = 3              # nonzeros of the planted θ*, magnitudes in [1, 2], random signs
@@ -14,7 +14,7 @@ seeds = [0]               # one problem draw per seed
 # path = "data.npz"       # kind = "data": arrays X (n, d) and y (n,)
 
 [init]
-scheme = "gaussian"       # "gaussian" | "zero_first" | "balanced"
+scheme = "gaussian"       # "gaussian" | "zero_first" | "balanced" | "custom"
 alpha = {geomspace = [0.1, 1.0, 6]}   # or a list of values
 seeds = [0, 1]            # init draws (gaussian only)
 shape = [1.0]             # first-layer scale ratios: u¹ is scaled by shape·α
@@ -36,17 +36,29 @@ lanes = 64                # lanes per device
 chunk_size = 512          # runs per stored chunk (smaller if memory asks for it)
 devices = "all"           # "all" or a number of devices
 ```
+
+The default and the smoke specs ship with the package (`ddln_jax/specs/*.toml`):
+`SweepSpec.default()`, `SweepSpec.smoke()`, and `ddln spec` prints the default one.
+
+`kind = "custom"` (problem) and `scheme = "custom"` (init) take the loss and the inits from
+the arguments of `ddln_jax.sweep(spec, out, loss=..., inits=...)` instead of the spec.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import json
 import numbers
 from pathlib import Path
 
+import diffrax as dfx
 import numpy as np
+
+from ._flows import FORMULATIONS
+from ._init import balanced_init, gaussian_init, zero_first_init
+from ._problems import PROBLEM_KINDS, data_digest, load_data
 
 try:  # Python ≥ 3.11
     import tomllib
@@ -58,10 +70,24 @@ class SpecError(ValueError):
     """A malformed sweep specification (names the file, the section and the key)."""
 
 
-SOLVERS = ("tsit5", "dopri5", "dopri8", "bosh3", "heun")
-FORMULATIONS = ("layer", "reduced", "mirror", "dual")
-PROBLEMS = ("sparse_regression", "logistic", "data")
-SCHEMES = ("gaussian", "zero_first", "balanced")
+# The names a spec may use, each next to what it names.
+SOLVERS: dict[str, type[dfx.AbstractSolver]] = {
+    "tsit5": dfx.Tsit5,
+    "dopri5": dfx.Dopri5,
+    "dopri8": dfx.Dopri8,
+    "bosh3": dfx.Bosh3,
+    "heun": dfx.Heun,
+}
+# Init schemes: name → `ddln_jax._init` function (called as f(L, d, α), gaussian with a key
+# first); "custom" takes the inits given to `sweep(..., inits=...)`.
+INIT_SCHEMES = {"gaussian": gaussian_init, "zero_first": zero_first_init, "balanced": balanced_init}
+SCHEMES = (*INIT_SCHEMES, "custom")
+
+# Bounds that keep a typo from becoming a silent wrong result or an endless allocation.
+MAX_RTOL = 1e-2  # looser tolerances let the flow drift off (rtol = 10 "succeeds" with f 5000× too big)
+MAX_ATOL = 1e-2
+MAX_GRID = 10**6  # values of one axis (α, save times): past it, a typo rather than a sweep
+MAX_SEED = 2**32 - 1  # jax.random and numpy seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +130,18 @@ class EngineSpec:
     devices: str | int = "all"
 
 
+def spec_text(name: str) -> str:
+    """The TOML text of a shipped spec: `"default"` or `"smoke"`."""
+    if name not in ("default", "smoke"):
+        raise ValueError(f"shipped specs are 'default' and 'smoke', got {name!r}")
+    return importlib.resources.files("ddln_jax").joinpath("specs", f"{name}.toml").read_text("utf-8")
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepSpec:
-    """A validated sweep specification. Build it with `SweepSpec.load(path)` or
-    `SweepSpec.from_dict(d)`; `to_dict()` gives it back (stored with the results)."""
+    """A validated sweep specification. Build it with `SweepSpec.load(path)`,
+    `SweepSpec.from_dict(d)`, `SweepSpec.default()` or `SweepSpec.smoke()`; `to_dict()` gives
+    it back (stored with the results)."""
 
     problem: ProblemSpec
     init: InitSpec
@@ -119,9 +153,13 @@ class SweepSpec:
     def load(cls, path) -> SweepSpec:
         path = Path(path)
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except OSError as e:
-            raise SpecError(f"{path}: cannot read the spec ({e.strerror})") from e
+            raise SpecError(f"{path}: cannot read the spec ({e.strerror or e})") from e
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{path}: not UTF-8 text (byte {e.start}); a spec is a TOML file") from e
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -132,23 +170,51 @@ class SweepSpec:
     def from_dict(cls, raw: dict, *, source: str = "<dict>") -> SweepSpec:
         return _parse(raw, source)
 
+    @classmethod
+    def default(cls) -> SweepSpec:
+        """The default sweep of `ddln sweep` (shipped as `ddln_jax/specs/default.toml`)."""
+        return cls.from_dict(tomllib.loads(spec_text("default")), source="<default spec>")
+
+    @classmethod
+    def smoke(cls) -> SweepSpec:
+        """The default sweep at a reduced size (`ddln sweep --smoke`; seconds on a CPU)."""
+        return cls.from_dict(tomllib.loads(spec_text("smoke")), source="<smoke spec>")
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("source")
         return out
 
+    def with_engine(self, **changes) -> SweepSpec:
+        """This spec with `[engine]` keys changed (validated like the file's)."""
+        raw = self.to_dict()
+        engine = {k: v for k, v in raw["engine"].items()}
+        engine.update(changes)
+        e = _engine(engine, f"{self.source} (overridden)")
+        return dataclasses.replace(self, engine=e)
+
     def digest(self) -> str:
         """A hash of everything that changes the results (not the engine's knobs, which only
-        change how they are computed)."""
+        change how they are computed, nor where a data file lies: its bytes are hashed)."""
         d = self.to_dict()
         d.pop("engine")
+        d["problem"].pop("path")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def save_times(self) -> np.ndarray:
         return np.asarray(self.run.save_times, dtype=np.float64)
 
+    def jobs(self) -> list[tuple[float, float, int]]:
+        """The (shape, α, seed) of every run of one (depth, problem), in the dataset's order
+        (empty for `scheme = "custom"`, whose runs are the given inits)."""
+        if self.init.scheme == "custom":
+            return []
+        seeds = self.init.seeds if self.init.scheme == "gaussian" else self.init.seeds[:1]
+        return [(s, a, k) for s in self.init.shape for a in self.init.alpha for k in seeds]
+
     def count(self) -> int:
+        """Number of runs (for `scheme = "custom"`: per given init)."""
         scheme_seeds = len(self.init.seeds) if self.init.scheme == "gaussian" else 1
         return (
             len(self.run.depths) * len(self.problem.seeds) * len(self.init.shape)
@@ -164,29 +230,38 @@ def _err(source, section, key, msg):
 def _section(raw, name, source, allowed):
     sec = raw.get(name, {})
     if not isinstance(sec, dict):
-        raise _err(source, name, "", f"must be a table, got {sec!r}")
-    unknown = sorted(set(sec) - set(allowed))
+        raise _err(source, name, "", f"must be a table, got {_short(sec)}")
+    unknown = sorted(set(sec) - set(allowed), key=str)
     if unknown:
         raise _err(source, name, unknown[0], f"unknown key (known keys: {', '.join(allowed)})")
     return sec
 
 
-def _int(source, sec, key, value, minimum):
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int(source, sec, key, value, minimum, maximum=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _err(source, sec, key, f"must be an integer, got {value!r}")
+        raise _err(source, sec, key, f"must be an integer, got {_short(value)}")
     if value < minimum:
         raise _err(source, sec, key, f"must be ≥ {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise _err(source, sec, key, f"must be ≤ {maximum}, got {value}")
     return int(value)
 
 
-def _float(source, sec, key, value, *, positive=True, allow_zero=False):
+def _float(source, sec, key, value, *, positive=True, allow_zero=False, maximum=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _err(source, sec, key, f"must be a number, got {value!r}")
+        raise _err(source, sec, key, f"must be a number, got {_short(value)}")
     value = float(value)
     if not np.isfinite(value):
         raise _err(source, sec, key, f"must be finite, got {value}")
     if positive and (value < 0 or (value == 0 and not allow_zero)):
         raise _err(source, sec, key, f"must be {'≥' if allow_zero else '>'} 0, got {value}")
+    if maximum is not None and value > maximum:
+        raise _err(source, sec, key, f"must be ≤ {maximum:g}, got {value:g}")
     return value
 
 
@@ -195,15 +270,17 @@ def _list(source, sec, key, value, item, *, unique=True):
         value = [value]
     if len(value) == 0:
         raise _err(source, sec, key, "must not be empty")
+    if len(value) > MAX_GRID:
+        raise _err(source, sec, key, f"has {len(value)} values, more than {MAX_GRID}")
     out = tuple(item(v) for v in value)
     if unique and len(set(out)) != len(out):
-        raise _err(source, sec, key, f"has repeated values {list(out)}")
+        raise _err(source, sec, key, f"has repeated values {_short(list(out))}")
     return out
 
 
 def _choice(source, sec, key, value, choices):
-    if value not in choices:
-        raise _err(source, sec, key, f"must be one of {list(choices)}, got {value!r}")
+    if not isinstance(value, str) or value not in choices:
+        raise _err(source, sec, key, f"must be one of {list(choices)}, got {_short(value)}")
     return value
 
 
@@ -216,73 +293,85 @@ def _alpha(source, value):
                 raise _err(source, "init", "alpha", "geomspace must be [start, stop, count]")
             lo = _float(source, "init", "alpha", spec[0])
             hi = _float(source, "init", "alpha", spec[1])
-            num = _int(source, "init", "alpha", spec[2], 1)
+            # Checked before anything is allocated: a count of 3e7 is a typo, not a sweep.
+            num = _int(source, "init", "alpha", spec[2], 1, MAX_GRID)
+            if num > 1 and lo == hi:
+                raise _err(source, "init", "alpha", f"geomspace from {lo:g} to itself repeats one value")
             return tuple(float(a) for a in np.geomspace(lo, hi, num))
-        raise _err(source, "init", "alpha", f"a table must be {{geomspace = [start, stop, count]}}, got keys {sorted(keys)}")
+        raise _err(source, "init", "alpha",
+                   f"a table must be {{geomspace = [start, stop, count]}}, got keys {sorted(map(str, keys))}")
     return _list(source, "init", "alpha", value, lambda v: _float(source, "init", "alpha", v))
 
 
-def _parse(raw, source) -> SweepSpec:
-    if not isinstance(raw, dict):
-        raise SpecError(f"{source}: a spec must be a table of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"problem", "init", "run", "engine"})
-    if unknown:
-        raise SpecError(f"{source}: [{unknown[0]}]: unknown section (known: problem, init, run, engine)")
-
-    p = _section(raw, "problem", source, ["kind", "n", "d", "sparsity", "noise", "seeds", "path"])
+def _problem(raw, source) -> ProblemSpec:
+    known = ["kind", "n", "d", "sparsity", "noise", "seeds", "path"]
+    p = _section(raw, "problem", source, known)
     dp = ProblemSpec()
-    kind = _choice(source, "problem", "kind", p.get("kind", dp.kind), PROBLEMS)
+    kind = _choice(source, "problem", "kind", p.get("kind", dp.kind), PROBLEM_KINDS)
+    if kind in ("data", "custom"):
+        # These keys describe generated problems: given here they would be silently ignored.
+        extra = [k for k in ("n", "d", "sparsity", "noise") if k in p]
+        if extra:
+            where = "the data file" if kind == "data" else "the loss given to `sweep`"
+            raise _err(source, "problem", extra[0], f"not used with kind = {kind!r} (the problem is {where})")
+        seeds = _list(source, "problem", "seeds", p.get("seeds", [0]),
+                      lambda v: _int(source, "problem", "seeds", v, 0, MAX_SEED))
+        if seeds != (0,):
+            raise _err(source, "problem", "seeds", f"kind = {kind!r} has one problem: use seeds = [0]")
     path = p.get("path")
     if kind == "data":
-        if not isinstance(path, str):
-            raise _err(source, "problem", "path", f"kind = 'data' needs a path to an .npz with X and y, got {path!r}")
-        base = Path(source).parent if source != "<dict>" else Path(".")
+        if not isinstance(path, str) or not path:
+            raise _err(source, "problem", "path", f"kind = 'data' needs a path to an .npz with X and y, got {_short(path)}")
+        base = Path(source).parent if not source.startswith("<") else Path(".")
         file = (base / path) if not Path(path).is_absolute() else Path(path)
         try:
-            with np.load(file) as z:
-                X, y = np.asarray(z["X"], float), np.asarray(z["y"], float)
-        except (OSError, KeyError, ValueError) as e:
-            raise _err(source, "problem", "path", f"cannot read X and y from {str(file)!r} ({e})") from e
-        if X.ndim != 2 or y.shape != (X.shape[0],) or not np.all(np.isfinite(X)) or not np.all(np.isfinite(y)):
-            raise _err(source, "problem", "path", f"{str(file)!r} must hold finite X (n, d) and y (n,)")
+            X, y = load_data(file)
+        except ValueError as e:
+            raise _err(source, "problem", "path", str(e)) from e
         n, d = X.shape
-        path = str(file.resolve())
-        data_sha = hashlib.sha256(np.ascontiguousarray(X).tobytes() + np.ascontiguousarray(y).tobytes()).hexdigest()
-    else:
-        data_sha = None
-        if path is not None:
-            raise _err(source, "problem", "path", f"only used with kind = 'data', not {kind!r}")
-        n = _int(source, "problem", "n", p.get("n", dp.n), 1)
-        d = _int(source, "problem", "d", p.get("d", dp.d), 1)
+        return ProblemSpec(kind, n, d, dp.sparsity, 0.0, seeds, str(file.resolve()), data_digest(X, y))
+    if path is not None:
+        raise _err(source, "problem", "path", f"only used with kind = 'data', not {kind!r}")
+    if kind == "custom":
+        return ProblemSpec(kind, 0, 0, 0, 0.0, seeds, None, None)
+    n = _int(source, "problem", "n", p.get("n", dp.n), 1)
+    d = _int(source, "problem", "d", p.get("d", dp.d), 1)
     sparsity = _int(source, "problem", "sparsity", p.get("sparsity", dp.sparsity), 1)
-    if kind != "data" and sparsity > d:
+    if sparsity > d:
         raise _err(source, "problem", "sparsity", f"must be ≤ d = {d}, got {sparsity}")
     noise = _float(source, "problem", "noise", p.get("noise", dp.noise), allow_zero=True)
     seeds = _list(source, "problem", "seeds", p.get("seeds", list(dp.seeds)),
-                  lambda v: _int(source, "problem", "seeds", v, 0))
-    if kind == "data" and len(seeds) != 1:
-        raise _err(source, "problem", "seeds", "kind = 'data' has one problem: use seeds = [0]")
-    problem = ProblemSpec(kind, n, d, sparsity, noise, seeds, path, data_sha)
+                  lambda v: _int(source, "problem", "seeds", v, 0, MAX_SEED))
+    return ProblemSpec(kind, n, d, sparsity, noise, seeds, None, None)
 
+
+def _init(raw, source) -> InitSpec:
     i = _section(raw, "init", source, ["scheme", "alpha", "seeds", "shape"])
     di = InitSpec()
     scheme = _choice(source, "init", "scheme", i.get("scheme", di.scheme), SCHEMES)
+    if scheme == "custom":
+        extra = [k for k in ("alpha", "seeds", "shape") if k in i]
+        if extra:
+            raise _err(source, "init", extra[0], "not used with scheme = 'custom' (the inits are given to `sweep`)")
+        return InitSpec(scheme, (), (), ())
     alpha = _alpha(source, i.get("alpha", list(di.alpha)))
     iseeds = _list(source, "init", "seeds", i.get("seeds", list(di.seeds)),
-                   lambda v: _int(source, "init", "seeds", v, 0))
+                   lambda v: _int(source, "init", "seeds", v, 0, MAX_SEED))
     if scheme != "gaussian" and len(iseeds) > 1:
         raise _err(source, "init", "seeds", f"scheme {scheme!r} is deterministic: use one seed")
     shape = _list(source, "init", "shape", i.get("shape", list(di.shape)),
                   lambda v: _float(source, "init", "shape", v))
-    init = InitSpec(scheme, alpha, iseeds, shape)
+    return InitSpec(scheme, alpha, iseeds, shape)
 
+
+def _run(raw, source, scheme) -> RunSpec:
     r = _section(raw, "run", source, ["depths", "formulation", "t1", "n_save", "save_times",
                                        "save_spacing", "stop_ratio", "rtol", "atol", "solver",
                                        "max_steps"])
     dr = RunSpec()
     depths = _list(source, "run", "depths", r.get("depths", list(dr.depths)),
                    lambda v: _int(source, "run", "depths", v, 1))
-    formulation = _choice(source, "run", "formulation", r.get("formulation", dr.formulation), FORMULATIONS)
+    formulation = _choice(source, "run", "formulation", r.get("formulation", dr.formulation), tuple(FORMULATIONS))
     if formulation in ("mirror", "dual") and scheme == "balanced":
         raise _err(source, "run", "formulation", f"{formulation!r} needs Assumption A, which the balanced init violates; use 'reduced'")
     t1 = _float(source, "run", "t1", r.get("t1", dr.t1))
@@ -292,11 +381,12 @@ def _parse(raw, source) -> SweepSpec:
         save = _list(source, "run", "save_times", r["save_times"],
                      lambda v: _float(source, "run", "save_times", v, allow_zero=True))
         if any(b <= a for a, b in zip(save, save[1:])) or save[-1] > t1:
-            raise _err(source, "run", "save_times", f"must increase within [0, t1 = {t1}], got {list(save)}")
+            raise _err(source, "run", "save_times", f"must increase within [0, t1 = {t1}], got {_short(list(save))}")
         if "save_spacing" in r:
             raise _err(source, "run", "save_spacing", "only used with n_save, not save_times")
     else:
-        n_save = _int(source, "run", "n_save", r.get("n_save", 41), 2)
+        # Checked before anything is allocated: 3e7 save times is a typo, not a sweep.
+        n_save = _int(source, "run", "n_save", r.get("n_save", 41), 2, MAX_GRID)
         spacing = _choice(source, "run", "save_spacing", r.get("save_spacing", "linear"), ("linear", "log"))
         if spacing == "log" and n_save > 2:
             save = (0.0, *(float(t) for t in np.geomspace(t1 * 1e-4, t1, n_save - 1)))
@@ -309,81 +399,42 @@ def _parse(raw, source) -> SweepSpec:
         stop = _float(source, "run", "stop_ratio", stop)
         if stop >= 1:
             raise _err(source, "run", "stop_ratio", f"must be in (0, 1), got {stop}")
-    rtol = _float(source, "run", "rtol", r.get("rtol", dr.rtol))
-    atol = _float(source, "run", "atol", r.get("atol", dr.atol))
+    rtol = _float(source, "run", "rtol", r.get("rtol", dr.rtol), maximum=MAX_RTOL)
+    atol = _float(source, "run", "atol", r.get("atol", dr.atol), maximum=MAX_ATOL)
     if rtol < 2.2e-15:
         raise _err(source, "run", "rtol", f"is below what float64 can deliver, got {rtol}")
-    solver = _choice(source, "run", "solver", r.get("solver", dr.solver), SOLVERS)
-    max_steps = _int(source, "run", "max_steps", r.get("max_steps", dr.max_steps), 1)
-    if max_steps > 2**31 - 1:
-        raise _err(source, "run", "max_steps", f"must be < 2**31, got {max_steps}")
-    run = RunSpec(depths, formulation, t1, save, stop, rtol, atol, solver, max_steps)
+    solver = _choice(source, "run", "solver", r.get("solver", dr.solver), tuple(SOLVERS))
+    max_steps = _int(source, "run", "max_steps", r.get("max_steps", dr.max_steps), 1, 2**31 - 1)
+    return RunSpec(depths, formulation, t1, save, stop, rtol, atol, solver, max_steps)
 
-    e = _section(raw, "engine", source, ["lanes", "chunk_size", "devices"])
+
+def _engine(e, source) -> EngineSpec:
     de = EngineSpec()
-    lanes = _int(source, "engine", "lanes", e.get("lanes", de.lanes), 1)
-    chunk = _int(source, "engine", "chunk_size", e.get("chunk_size", de.chunk_size), 1)
+    lanes = _int(source, "engine", "lanes", e.get("lanes", de.lanes), 1, 2**20)
+    chunk = _int(source, "engine", "chunk_size", e.get("chunk_size", de.chunk_size), 1, 2**31 - 1)
     devices = e.get("devices", de.devices)
     if devices != "all":
         devices = _int(source, "engine", "devices", devices, 1)
-    engine = EngineSpec(lanes, chunk, devices)
+    return EngineSpec(lanes, chunk, devices)
+
+
+def _parse(raw, source) -> SweepSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a spec must be a table of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"problem", "init", "run", "engine"}, key=str)
+    if unknown:
+        raise SpecError(f"{source}: [{unknown[0]}]: unknown section (known: problem, init, run, engine)")
+    problem = _problem(raw, source)
+    init = _init(raw, source)
+    run = _run(raw, source, init.scheme)
+    engine = _engine(_section(raw, "engine", source, ["lanes", "chunk_size", "devices"]), source)
     return SweepSpec(problem, init, run, engine, source)
 
 
-DEFAULT_SPEC = """\
-# The default sweep of `ddln sweep`: planted sparse regression, depths 2-4, six init scales,
-# four init draws each, every run stopped when f ≤ 1e-6 f(θ0). About 20 s on 2 CPU cores.
-[problem]
-kind = "sparse_regression"
-n = 20
-d = 60
-sparsity = 3
-noise = 0.0
-seeds = [0]
-
-[init]
-scheme = "gaussian"
-alpha = {geomspace = [0.35, 1.4, 6]}
-seeds = [0, 1, 2, 3]
-
-[run]
-depths = [2, 3, 4]
-formulation = "reduced"
-t1 = 3000.0
-n_save = 101
-save_spacing = "log"
-stop_ratio = 1e-6
-rtol = 1e-8
-atol = 1e-10
-
-[engine]
-lanes = 64
-chunk_size = 512
-"""
-
-# `ddln sweep --smoke`: the default sweep at a reduced size (the test suite runs it).
-SMOKE_SPEC = """\
-[problem]
-kind = "sparse_regression"
-n = 8
-d = 16
-sparsity = 2
-seeds = [0]
-
-[init]
-scheme = "gaussian"
-alpha = {geomspace = [0.5, 1.0, 3]}
-seeds = [0, 1]
-
-[run]
-depths = [2, 3]
-t1 = 200.0
-n_save = 11
-stop_ratio = 1e-4
-rtol = 1e-10
-atol = 1e-12
-
-[engine]
-lanes = 2
-chunk_size = 6
-"""
+def __getattr__(name):
+    # The shipped specs' text, read from the package data on first use.
+    if name == "DEFAULT_SPEC":
+        return spec_text("default")
+    if name == "SMOKE_SPEC":
+        return spec_text("smoke")
+    raise AttributeError(name)

@@ -1,19 +1,28 @@
 """Sweeps: initializations × depths × problems as a labeled dataset, chunk by chunk.
 
-Each depth is its own compiled engine (shapes change with L); each (depth, problem) pair is
-split into chunks of runs, dealt hardest first to the lanes of the engine; each finished
-chunk is written to disk before the next starts, so an interrupted sweep resumes where it
-stopped.
+Host-side driver (files, progress, processes) around the lane engine (`_batch.run_queue`).
+The inits of each depth are built once by the `ddln_jax._init` schemes and sorted once,
+hardest first; each (depth, problem) is split into chunks of runs, each finished chunk is
+written to disk before the next starts, so an interrupted sweep resumes where it stopped.
+Finished runs are found by what they are (depth, problem, init), not by chunk name, so a
+resume with another chunk size, another number of shards or processes reuses every one.
+
+Scale-out: `shard=(i, N)` computes only chunks k with k mod N = i into a shared directory
+(Slurm job arrays); under `jax.distributed` (several processes) every process computes its
+share on its own devices and process 0 gathers and writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
+import os
+import shutil
+import types
 from pathlib import Path
 
-import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,25 +31,27 @@ import xarray as xr
 from ._batch import difficulty, lanes_for, run_queue
 from ._engine import EngineConfig
 from ._flows import as_formulation
-from ._init import check_assumption_a
-from ._problems import Problem, make_problem
-from ._results import ResultStore, load_dataset
-from ._simulate import Status
-from ._spec import SpecError, SweepSpec
-from ._theory import c0 as theory_c0
+from ._init import gaussian_init
+from ._losses import as_loss
+from ._problems import Problem, custom_problem, make_problem
+from ._results import ResultStore, StoreError, load_dataset
+from ._solution import EVENT, SUCCESS
+from ._spec import INIT_SCHEMES, SOLVERS, SpecError, SweepSpec
 
-_SOLVERS = {
-    "tsit5": dfx.Tsit5,
-    "dopri5": dfx.Dopri5,
-    "dopri8": dfx.Dopri8,
-    "bosh3": dfx.Bosh3,
-    "heun": dfx.Heun,
-}
+try:
+    from ._bounds import c0 as theory_c0
+except ImportError:  # pragma: no cover - before the split of _theory
+    from ._theory import c0 as theory_c0
+
 # Memory allowed for one chunk's saved trajectories (θ at every save time).
 _CHUNK_BYTES = 512 * 2**20
 # Above this, θ(t) of all runs is not assembled in memory: it stays in the chunk files.
 _THETA_BYTES = 2 * 2**30
+# Working memory of one lane of the engine, in units of L·d float64 (solver stages, the
+# geometry's gaps, the dense output of the step that crossed a threshold).
+_LANE_WORDS = 32
 JOB_DIMS = ("depth", "problem", "shape", "alpha", "seed")
+CUSTOM_DIMS = ("depth", "problem", "init")
 
 
 def as_spec(spec) -> SweepSpec:
@@ -53,27 +64,9 @@ def as_spec(spec) -> SweepSpec:
     raise TypeError(f"`spec` must be a SweepSpec, a dict or a path to a TOML file, got {type(spec).__name__}")
 
 
-def make_init(scheme: str, L: int, d: int, alpha: float, seed: int, shape: float) -> np.ndarray:
-    """The init of one run: `scheme` at scale α, first layer scaled by `shape`.
-
-    Gaussian inits of one seed share their direction across α (u = α·v with v ~ N(0, 1) from
-    the seed and the depth), so an α grid is an exact rescaling of one draw.
-    """
-    if scheme == "gaussian":
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), L)
-        u = alpha * np.asarray(jax.random.normal(key, (L, d), dtype=jnp.float64))
-    elif scheme == "zero_first":
-        u = np.full((L, d), alpha)
-        u[0] = 0.0
-    else:
-        u = np.full((L, d), alpha)
-    u[0] *= shape
-    return u
-
-
-def _jobs(spec: SweepSpec):
-    seeds = spec.init.seeds if spec.init.scheme == "gaussian" else spec.init.seeds[:1]
-    return [(s, a, k) for s in spec.init.shape for a in spec.init.alpha for k in seeds]
+def run_dims(spec: SweepSpec) -> tuple[str, ...]:
+    """The dimensions that label the runs of a sweep's dataset."""
+    return CUSTOM_DIMS if spec.init.scheme == "custom" else JOB_DIMS
 
 
 def _versions():
@@ -86,97 +79,381 @@ def _versions():
     return out
 
 
-def _problems_dataset(spec, problems: list[Problem]) -> xr.Dataset:
-    losses = [p.loss() for p in problems]
-    f_star = [lo.minimum() for lo in losses]
-    pl = [lo.pl_constant() for lo in losses]
-    return xr.Dataset(
-        {
-            "X": (("problem", "row", "coord"), np.stack([p.X for p in problems])),
-            "y": (("problem", "row"), np.stack([p.y for p in problems])),
-            "theta_star": (("problem", "coord"), np.stack([p.theta_star for p in problems])),
-            "theta_min": (("problem", "coord"), np.stack([p.theta_min for p in problems])),
-            "f_star": (("problem",), np.array([np.nan if f is None else f for f in f_star], float)),
-            "pl_mu": (("problem",), np.array([np.nan if m is None else m for m in pl], float)),
-        },
-        coords={"problem": list(spec.problem.seeds)},
-    )
+def _fingerprint(tree) -> str:
+    """A hash of a loss (or any pytree) that is the same in every process: array bytes, and
+    for functions their qualified name and bytecode (not their memory address)."""
+    h = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+
+    def describe(x):
+        if callable(x) and hasattr(x, "__code__"):
+            return f"{x.__module__}.{x.__qualname__}:{x.__code__.co_code.hex()}"
+        return type(x).__qualname__ if callable(x) else repr(x)
+
+    h.update(type(tree).__qualname__.encode())
+    for leaf in leaves:
+        if isinstance(leaf, (np.ndarray, jax.Array, np.generic, float, int)):
+            a = np.asarray(leaf)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        else:
+            h.update(describe(leaf).encode())
+    for field in getattr(tree, "__dataclass_fields__", {}):  # static fields (functions, sizes)
+        value = getattr(tree, field, None)
+        if not isinstance(value, (np.ndarray, jax.Array)):
+            h.update(f"{field}={describe(value)}".encode())
+    return h.hexdigest()[:16]
 
 
-def _check_inits(spec: SweepSpec, d: int) -> tuple[bool, str]:
-    """Refuse inits that the formulation cannot handle; say whether D_Q can be recorded."""
-    needs_a = as_formulation(spec.run.formulation).needs_assumption_a
-    ok_all = True
-    for L in spec.run.depths:
-        for shape, alpha, seed in _jobs(spec):
-            u0 = make_init(spec.init.scheme, L, d, alpha, seed, shape)
-            if not check_assumption_a(u0).holds:
-                if needs_a:
-                    raise SpecError(
-                        f"{spec.source}: [init]: the {spec.init.scheme!r} init (depth {L}, "
-                        f"α={alpha:g}, shape={shape:g}) violates Assumption A, which "
-                        f"formulation {spec.run.formulation!r} needs; use 'reduced'"
-                    )
-                ok_all = False
-    if spec.problem.kind == "logistic":
-        return False, "not recorded: logistic loss has no minimizer"
-    if not ok_all:
-        return False, "not recorded: some inits violate Assumption A (Q undefined)"
-    return True, "D_Q(theta_min, theta(t))"
+# -- inputs ----------------------------------------------------------------------------------
 
 
-def _chunks(order: np.ndarray, size: int) -> list[np.ndarray]:
-    return [order[i : i + size] for i in range(0, len(order), size)]
+class _Inputs:
+    """What a sweep runs: the problems, the inits of every depth (built and sorted once) and
+    the digest under which its results are stored."""
+
+    def __init__(self, spec: SweepSpec, loss, inits):
+        self.spec = spec
+        custom_p, custom_i = spec.problem.kind == "custom", spec.init.scheme == "custom"
+        if (loss is not None) != custom_p:
+            raise SpecError(
+                f"{spec.source}: [problem] kind: a loss given to `sweep(..., loss=...)` needs "
+                f"kind = 'custom' in the spec, and kind = 'custom' needs the loss (got kind "
+                f"{spec.problem.kind!r} and loss={'given' if loss is not None else 'None'})"
+            )
+        if (inits is not None) != custom_i:
+            raise SpecError(
+                f"{spec.source}: [init] scheme: inits given to `sweep(..., inits=...)` need "
+                f"scheme = 'custom' in the spec, and scheme = 'custom' needs the inits (got "
+                f"scheme {spec.init.scheme!r} and inits={'given' if inits is not None else 'None'})"
+            )
+        extra = {}
+        self.custom_inits = None
+        if custom_i:
+            self.custom_inits = _custom_inits(spec, inits)
+            extra["inits"] = _fingerprint(self.custom_inits)
+        if custom_p:
+            loss = as_loss(loss)
+            extra["loss"] = _fingerprint(loss)
+        self.loss = loss
+        self.d = self._dimension()
+        self.digest = spec.digest()
+        if extra:
+            self.digest = hashlib.sha256(
+                json.dumps([self.digest, extra], sort_keys=True).encode()).hexdigest()[:16]
+        self.extra = extra
+
+    def _dimension(self) -> int:
+        spec = self.spec
+        if self.custom_inits is not None:
+            d = next(iter(self.custom_inits.values())).shape[-1]
+        elif spec.problem.kind == "custom":
+            d = self.loss.dim
+            if d is None:
+                raise ValueError("the custom loss does not know its dimension: give it one "
+                                 "(e.g. CallableLoss(f, dim=d)) or give the inits")
+        else:
+            d = spec.problem.d
+        if spec.problem.kind == "custom" and self.loss.dim is not None and self.loss.dim != d:
+            raise ValueError(f"the loss has dimension {self.loss.dim}, the inits {d}")
+        if spec.problem.kind != "custom" and self.custom_inits is not None and spec.problem.d != d:
+            raise ValueError(f"the problem has dimension d = {spec.problem.d}, the inits {d}")
+        return int(d)
+
+    def runs_per_depth(self, L: int) -> int:
+        if self.custom_inits is not None:
+            return self.custom_inits[L].shape[0]
+        return len(self.spec.jobs())
+
+    def problems(self) -> list[Problem]:
+        if self.spec.problem.kind == "custom":
+            return [custom_problem(self.loss, self.d)]
+        return [make_problem(self.spec.problem, s) for s in self.spec.problem.seeds]
+
+    def inits(self, L: int) -> np.ndarray:
+        """The inits of depth L, (B, L, d), in the dataset's run order."""
+        if self.custom_inits is not None:
+            return self.custom_inits[L]
+        spec, d = self.spec, self.d
+        scheme = spec.init.scheme
+        out = np.empty((len(spec.jobs()), L, d))
+        for j, (shape, alpha, seed) in enumerate(spec.jobs()):
+            if scheme == "gaussian":
+                # One key per (seed, depth): an α grid of one seed rescales one draw.
+                key = jax.random.fold_in(jax.random.PRNGKey(seed), L)
+                u = gaussian_init(key, L, d, alpha)
+            else:
+                u = INIT_SCHEMES[scheme](L, d, alpha)
+            out[j] = np.asarray(u)
+            out[j, 0] *= shape
+        return out
 
 
-def _chunk_dataset(spec, L, p_seed, jobs, idx, out, stats, f0, c0, bregman) -> xr.Dataset:
-    ts = spec.save_times
-    status = out.status
-    t_final = out.t_final
+def _custom_inits(spec, inits) -> dict[int, np.ndarray]:
+    """`inits` as {depth: array (B, L, d)}: an array (B, L, d) is one depth."""
+    if not isinstance(inits, dict):
+        if isinstance(inits, (str, bytes)):
+            raise TypeError(f"`inits` must be an array (B, L, d) or a dict {{L: (B, L, d)}}, got {type(inits).__name__}")
+        arr = np.asarray(inits)
+        if arr.ndim != 3:
+            raise ValueError(f"`inits` must be an array (B, L, d) or a dict {{L: (B, L, d)}}, got shape {arr.shape}")
+        inits = {int(arr.shape[1]): arr}
+    out = {}
+    for L, u in inits.items():
+        if isinstance(u, (str, bytes)):
+            raise TypeError(f"`inits[{L}]` must be an array (B, L, d), got {type(u).__name__}")
+        u = np.asarray(u)
+        if np.iscomplexobj(u) or u.dtype == object or not np.issubdtype(u.dtype, np.number):
+            raise TypeError(f"`inits[{L}]` must hold real numbers, got dtype {u.dtype}")
+        if u.ndim != 3 or u.shape[0] < 1 or u.shape[1] != L or u.shape[2] < 1:
+            raise ValueError(f"`inits[{L}]` must have shape (B ≥ 1, {L}, d ≥ 1), got {u.shape}")
+        if not np.all(np.isfinite(u)):
+            raise ValueError(f"`inits[{L}]` must be finite")
+        out[int(L)] = np.ascontiguousarray(u, np.float64)
+    if sorted(out) != sorted(spec.run.depths):
+        raise SpecError(f"{spec.source}: [run] depths: the inits are given for depths "
+                        f"{sorted(out)}, the spec lists {list(spec.run.depths)}")
+    ds = {u.shape[2] for u in out.values()}
+    if len(ds) != 1:
+        raise ValueError(f"the inits of every depth must have one width d, got {sorted(ds)}")
+    return out
+
+
+# -- sizes -----------------------------------------------------------------------------------
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _device_memory(device) -> int | None:
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        return None
+    return (stats or {}).get("bytes_limit")
+
+
+def footprint(spec: SweepSpec, inputs: _Inputs, n_devices: int, out) -> dict[str, int]:
+    """Bytes a sweep needs, estimated from its sizes before anything is allocated."""
+    d, n_save = inputs.d, len(spec.run.save_times)
+    depths = spec.run.depths
+    runs = {L: inputs.runs_per_depth(L) for L in depths}
+    total = sum(runs.values()) * len(spec.problem.seeds)
+    rows = spec.problem.n if spec.problem.kind in ("sparse_regression", "logistic", "data") else 0
+    keep_theta = 8 * total * n_save * d <= _THETA_BYTES
+    per_run = n_save * (d + 3) * 8
+    chunk = max(1, min(spec.engine.chunk_size, _CHUNK_BYTES // max(1, 8 * n_save * d)))
+    size = min(chunk, max(runs.values()))
+    lanes = lanes_for(spec.engine.lanes, size, n_devices)
+    return {
+        "one run's saved θ(t)": 8 * n_save * d,
+        "problem data": 8 * rows * d * len(spec.problem.seeds) * 3,
+        "inits": 8 * sum(runs[L] * L for L in depths) * d,
+        "engine (per device)": lanes * _LANE_WORDS * max(depths) * d * 8 + size * per_run,
+        "dataset in memory": total * (n_save * (3 + (d if keep_theta else 0)) + 2 * d + 16) * 8,
+        "disk": total * (per_run + 2 * d * 8) if out is not None else 0,
+    }
+
+
+def _check_footprint(spec, inputs, devices, out) -> None:
+    need = footprint(spec, inputs, len(devices), out)
+    one_run = need["one run's saved θ(t)"]
+    if one_run > _CHUNK_BYTES:
+        raise SpecError(
+            f"{spec.source}: [run] one run's θ(t) at {len(spec.run.save_times)} save times × d = "
+            f"{inputs.d} takes {_gib(one_run)}, more than the "
+            f"{_gib(_CHUNK_BYTES)} a chunk may hold: save fewer times"
+        )
+    host = need["problem data"] + need["inits"] + need["dataset in memory"]
+    dev_mem = _device_memory(devices[0])
+    if dev_mem is None:  # the host is the device
+        host += need["engine (per device)"] * len(devices)
+    elif need["engine (per device)"] > dev_mem:
+        raise SpecError(
+            f"{spec.source}: this sweep's engine needs about {_gib(need['engine (per device)'])} "
+            f"per device (depth {max(spec.run.depths)}, d = {inputs.d}, lanes), the device has "
+            f"{_gib(dev_mem)}: use fewer lanes, smaller depths or a smaller d"
+        )
+    avail = _available_memory()
+    if host > avail:
+        parts = ", ".join(f"{k} {_gib(v)}" for k, v in need.items() if k != "disk" and v)
+        raise SpecError(
+            f"{spec.source}: this sweep would need about {_gib(host)} of memory ({parts}); "
+            f"{_gib(avail)} is available: split it into smaller sweeps"
+        )
+    if out is not None:
+        path = Path(out)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            free = shutil.disk_usage(path).free
+        except OSError:
+            free = None
+        if free is not None and need["disk"] > free:
+            raise SpecError(
+                f"{spec.source}: this sweep's results take about {_gib(need['disk'])} on disk, "
+                f"{_gib(free)} is free under {str(path)!r}"
+            )
+
+
+# -- the plan of runs ------------------------------------------------------------------------
+
+
+class _Depth:
+    """The runs of one depth: inits (in run order), their order hardest first, the chunks."""
+
+    def __init__(self, L, inits, chunk):
+        self.L = L
+        self.inits = inits
+        self.order = np.argsort(-difficulty(inits), kind="stable")
+        self.chunks = [self.order[i : i + chunk] for i in range(0, len(self.order), chunk)]
+        self.theta0 = np.prod(inits, axis=1)
+        self.c0 = np.asarray(theory_c0(inits))
+
+
+def _chunk_name(L, p_seed, idx) -> str:
+    """A name from the runs a chunk holds: the same chunk has the same name in every shard
+    and process, and chunks of different chunkings never collide."""
+    key = hashlib.sha1(np.sort(np.asarray(idx, np.int64)).tobytes()).hexdigest()[:12]
+    return f"L{L}_p{p_seed}_{key}"
+
+
+def _problems_dataset(spec, problems: list[Problem], f_star, pl) -> xr.Dataset:
     data = {
-        "depth": ("run", np.full(len(idx), L)),
-        "problem": ("run", np.full(len(idx), p_seed)),
+        "theta_star": (("problem", "coord"), np.stack([p.theta_star for p in problems])),
+        "theta_min": (("problem", "coord"), np.stack([p.theta_min for p in problems])),
+        "f_star": (("problem",), np.array([np.nan if f is None else f for f in f_star], float)),
+        "pl_mu": (("problem",), np.array([np.nan if m is None else m for m in pl], float)),
+    }
+    if all(p.X is not None for p in problems):
+        data["X"] = (("problem", "row", "coord"), np.stack([p.X for p in problems]))
+        data["y"] = (("problem", "row"), np.stack([p.y for p in problems]))
+    seeds = list(spec.problem.seeds) if spec.problem.kind != "custom" else [0]
+    return xr.Dataset(data, coords={"problem": seeds})
+
+
+def _labels(spec, inputs, L, idx) -> dict:
+    idx = np.asarray(idx)
+    if spec.init.scheme == "custom":
+        return {"init": ("run", idx.astype(np.int64))}
+    jobs = spec.jobs()
+    return {
         "shape": ("run", np.array([jobs[i][0] for i in idx], float)),
         "alpha": ("run", np.array([jobs[i][1] for i in idx], float)),
-        "seed": ("run", np.array([jobs[i][2] for i in idx])),
-        "status": ("run", status.astype(np.int32)),
-        "steps": ("run", out.steps.astype(np.int64)),
-        "rejected_steps": ("run", out.rejected.astype(np.int64)),
+        "seed": ("run", np.array([jobs[i][2] for i in idx], np.int64)),
+    }
+
+
+def _chunk_dataset(spec, inputs, L, p_seed, idx, out, stats, f0, c0, bregman) -> xr.Dataset:
+    status = np.asarray(out.status).astype(np.int32)
+    t_final = np.asarray(out.t_final)
+    data = {
+        "job": ("run", np.asarray(idx, np.int64)),
+        "depth": ("run", np.full(len(idx), L, np.int64)),
+        "problem": ("run", np.full(len(idx), p_seed, np.int64)),
+        **_labels(spec, inputs, L, idx),
+        "status": ("run", status),
+        "steps": ("run", np.asarray(out.steps).astype(np.int64)),
+        "rejected_steps": ("run", np.asarray(out.rejected).astype(np.int64)),
         "t_final": ("run", t_final),
-        "time_to_eps": ("run", np.where(status == Status.EVENT, t_final, np.nan)),
-        "loss_final": ("run", out.loss_final),
+        "time_to_eps": ("run", np.where(status == EVENT, t_final, np.nan)),
+        "loss_final": ("run", np.asarray(out.loss_final)),
         "f0": ("run", f0),
         "c0": ("run", c0),
-        "conservation_drift": ("run", out.drift),
-        "loss": (("run", "time"), out.loss),
-        "theta": (("run", "time", "coord"), out.theta),
-        "theta_final": (("run", "coord"), out.theta_final),
+        "conservation_drift": ("run", np.asarray(out.drift)),
+        "loss": (("run", "time"), np.asarray(out.loss)),
+        "theta": (("run", "time", "coord"), np.asarray(out.theta)),
+        "theta_final": (("run", "coord"), np.asarray(out.theta_final)),
     }
     if bregman:
-        data["bregman"] = (("run", "time"), out.bregman)
-    ds = xr.Dataset(data, coords={"time": ts})
-    ds.attrs.update({k: float(v) if isinstance(v, float) else int(v) for k, v in stats.items()})
+        data["bregman"] = (("run", "time"), np.asarray(out.bregman))
+    ds = xr.Dataset(data, coords={"time": spec.save_times})
+    ds.attrs.update({
+        "lane_steps_executed": int(stats["lane_steps_executed"]),
+        "lane_steps_useful": int(stats["lane_steps_useful"]),
+    })
     return ds
 
 
-def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
-    """Run a sweep of initializations × depths × problems.
+# -- the sweep -------------------------------------------------------------------------------
+
+
+def _as_shard(shard) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"`shard` must look like 'i/N' (e.g. 0/4), got {shard!r}") from None
+        shard = (i, n)
+    if (not isinstance(shard, tuple) or len(shard) != 2
+            or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in shard)):
+        raise TypeError(f"`shard` must be (i, N) or 'i/N', got {shard!r}")
+    i, n = int(shard[0]), int(shard[1])
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"`shard` i/N needs N ≥ 1 and 0 ≤ i < N, got {i}/{n}")
+    return i, n
+
+
+def _devices(spec, devices, distributed):
+    if devices is not None:
+        devices = list(devices)
+        if not devices:
+            raise ValueError("`devices` must hold at least one device")
+        return devices
+    devices = jax.local_devices() if distributed else jax.devices()
+    if spec.engine.devices != "all":
+        if spec.engine.devices > len(devices):
+            raise SpecError(f"{spec.source}: [engine] devices: {spec.engine.devices} requested, "
+                            f"{len(devices)} available")
+        devices = devices[: spec.engine.devices]
+    return devices
+
+
+def sweep(spec, out=None, *, loss=None, inits=None, progress: bool = True, devices=None,
+          shard=None) -> xr.Dataset | None:
+    """Run a sweep of initializations × depths × problems (host-side driver).
 
     **Arguments:**
 
     - `spec`: a [`ddln_jax.SweepSpec`][], a dict, or the path of a TOML spec (see
-      `ddln_jax/_spec.py` for the keys).
+      `ddln_jax/_spec.py` for the keys; `SweepSpec.default()` is `ddln sweep`'s).
     - `out`: a results directory. Finished chunks are written there as they complete; a rerun
-      with the same spec resumes (a finished sweep is just loaded), a different spec is
-      refused. Without it the sweep runs in memory.
+      with the same spec resumes (a finished sweep is just loaded, read-only access suffices),
+      a different spec is refused. Without it the sweep runs in memory.
+    - `loss`: a loss in memory (an `AbstractLoss` or a callable f(θ)); the spec must say
+      `[problem] kind = "custom"`. Its arrays (and a function's bytecode) enter the digest.
+    - `inits`: inits in memory, an array (B, L, d) or a dict {L: array (B, L, d)}; the spec
+      must say `[init] scheme = "custom"` and list the same depths. The runs are then labelled
+      `init` = 0…B−1 instead of `shape`, `alpha`, `seed`.
     - `progress`: show a progress bar over runs, with an ETA.
-    - `devices`: the devices to shard the lanes over (default from the spec: all).
+    - `devices`: the devices to shard the lanes over (default from the spec: all; under
+      `jax.distributed`, each process's own).
+    - `shard`: `(i, N)` or `"i/N"`: compute only chunk k with k mod N = i (Slurm job arrays:
+      N jobs write into one `out` together). The shard that finds every run done assembles.
 
     **Returns:** an `xarray.Dataset` with dimensions `depth`, `problem`, `shape`, `alpha`,
-    `seed`, `time`, `coord` (and `row` for the data): `loss`, `theta`, `bregman` (when
-    defined), `theta_final`, `time_to_eps`, `status`, `steps`, `t_final`, `f0`, `c0`,
+    `seed` (or `init`), `time`, `coord` (and `row` for the data): `loss`, `theta`, `bregman`
+    (when defined), `theta_final`, `time_to_eps`, `status`, `steps`, `t_final`, `f0`, `c0`,
     `conservation_drift`, the problems (`X`, `y`, `theta_star`, `theta_min`, `f_star`,
-    `pl_mu`); attributes hold the spec, the package versions and engine statistics.
+    `pl_mu`); attributes hold the spec, the package versions and engine statistics. A shard
+    that did not complete the sweep returns None.
+
+    **Raises:** `SpecError` (the spec, or sizes past this machine), `StoreError` (the
+    directory), `ValueError`/`TypeError` (the arguments) — all before anything is compiled.
     """
     spec = as_spec(spec)
     if not jax.config.read("jax_enable_x64"):
@@ -184,147 +461,311 @@ def sweep(spec, out=None, *, progress: bool = True, devices=None) -> xr.Dataset:
             "sweeps run in float64: call `jax.config.update('jax_enable_x64', True)` first "
             "(the `ddln` command does)"
         )
-    store = ResultStore(out, spec) if out is not None else None
-    if store is not None and store.final_path.exists():
-        return load_dataset(store.final_path)
-    if devices is None:
-        devices = jax.devices()
-        if spec.engine.devices != "all":
-            if spec.engine.devices > len(devices):
-                raise SpecError(f"{spec.source}: [engine] devices: {spec.engine.devices} requested, {len(devices)} available")
-            devices = devices[: spec.engine.devices]
-    problems = [make_problem(spec.problem, s) for s in spec.problem.seeds]
-    d = problems[0].X.shape[1]
-    bregman, bregman_note = _check_inits(spec, d)
-    problems_ds = _problems_dataset(spec, problems)
-    if store is not None:
-        store.write_problems(problems_ds)
+    shard = _as_shard(shard)
+    distributed = jax.process_count() > 1
+    if distributed and shard is not None:
+        raise ValueError("`shard` and jax.distributed are two ways to split a sweep: use one")
+    inputs = _Inputs(spec, loss, inits)
+    store = None
+    if out is not None:
+        payload = {**spec.to_dict(), "in_memory_inputs": inputs.extra}
+        store = ResultStore(out, inputs.digest, payload)
+        final = store.load_final()
+        if final is not None:
+            return final
+    devices = _devices(spec, devices, distributed)
+    _check_footprint(spec, inputs, devices, out)
+    writer = jax.process_index() == 0
+    opened = None
+    if store is not None and writer:
+        try:
+            store.open(shared=shard is not None)
+        except Exception as e:  # noqa: BLE001 - told to the other processes, then raised
+            opened = e
+    if distributed:
+        _agree_or_raise(opened)
+    elif opened is not None:
+        raise opened
+    try:
+        return _run(spec, inputs, store if writer else None, out, devices, progress, shard)
+    finally:
+        if store is not None:
+            store.close()
 
-    jobs = _jobs(spec)
-    n_save = len(spec.save_times)
-    theta_bytes = 8 * spec.count() * n_save * d
-    keep_theta = theta_bytes <= _THETA_BYTES
-    if not keep_theta and store is None:
+
+def _agree_or_raise(error) -> None:
+    from jax.experimental import multihost_utils
+
+    flag = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if int(flag):
+        raise StoreError("process 0 could not open the results directory (see its error)")
+
+
+def _run(spec, inputs, store, out, devices, progress, shard):
+    problems = inputs.problems()
+    losses = [p.loss() for p in problems]
+    f_star = [lo.minimum() for lo in losses]
+    pl = [lo.pl_constant() for lo in losses]
+    p_seeds = [0] if spec.problem.kind == "custom" else list(spec.problem.seeds)
+    d, n_save = inputs.d, len(spec.run.save_times)
+    chunk = max(1, min(spec.engine.chunk_size, _CHUNK_BYTES // (8 * n_save * d)))
+    depths = {L: _Depth(L, inputs.inits(L), chunk) for L in spec.run.depths}
+    form = as_formulation(spec.run.formulation)
+    holds = all(bool(np.all(dep.c0 > 0)) for dep in depths.values())
+    if not holds and form.needs_assumption_a:
+        L, j = next((L, int(np.flatnonzero(dep.c0 <= 0)[0])) for L, dep in depths.items() if np.any(dep.c0 <= 0))
+        what = f"init {j}" if spec.init.scheme == "custom" else f"the {spec.init.scheme!r} init (α={spec.jobs()[j][1]:g}, shape={spec.jobs()[j][0]:g})"
+        raise SpecError(f"{spec.source}: [init]: {what} at depth {L} violates Assumption A, which "
+                        f"formulation {spec.run.formulation!r} needs; use 'reduced'")
+    theta_min = [np.nan_to_num(p.theta_min) for p in problems]
+    if spec.problem.kind == "logistic":
+        bregman, note = False, "not recorded: logistic loss has no minimizer"
+    elif not all(np.all(np.isfinite(p.theta_min)) for p in problems):
+        bregman, note = False, "not recorded: no known minimizer of the loss"
+    elif not holds:
+        bregman, note = False, "not recorded: some inits violate Assumption A (Q undefined)"
+    else:
+        bregman, note = True, "D_Q(theta_min, theta(t))"
+    # f(θ0) and the stop thresholds, once per (depth, problem); f* straight from the losses.
+    ratio = spec.run.stop_ratio or 0.0
+    f0, targets = {}, {}
+    for L, dep in depths.items():
+        for p, lo in enumerate(losses):
+            v = np.asarray(jax.vmap(lo)(jnp.asarray(dep.theta0)), np.float64)
+            if not np.all(np.isfinite(v)):
+                j = int(np.flatnonzero(~np.isfinite(v))[0])
+                raise SpecError(f"{spec.source}: [init]: f(θ0) is not finite for run {j} of depth {L} "
+                                f"(θ0 overflows: scale α or depth too large)")
+            fs = f_star[p] if f_star[p] is not None and np.isfinite(f_star[p]) else 0.0
+            f0[L, p], targets[L, p] = v, fs + ratio * (v - fs)
+    problems_ds = _problems_dataset(spec, problems, f_star, pl)
+    keep_theta = 8 * sum(inputs.runs_per_depth(L) for L in depths) * len(problems) * n_save * d <= _THETA_BYTES
+    if not keep_theta and store is None and out is None:
         raise ValueError(
-            f"this sweep's θ(t) takes {theta_bytes / 2**30:.1f} GiB: give an output directory, "
+            f"this sweep's θ(t) takes more than {_gib(_THETA_BYTES)}: give an output directory, "
             "where it is kept chunk by chunk (`load_trajectories` reads it back)"
         )
-    chunk = max(1, min(spec.engine.chunk_size, _CHUNK_BYTES // (8 * n_save * d)))
-    bar = _progress(spec.count(), progress)
-    pieces, stats_all = [], []
-    form = as_formulation(spec.run.formulation)
-    solver = _SOLVERS[spec.run.solver]()
+    size = min(chunk, max(len(dep.inits) for dep in depths.values()))
+    lanes = lanes_for(spec.engine.lanes, size, len(devices))
+    config = EngineConfig(formulation=form, solver=SOLVERS[spec.run.solver](), lanes=lanes,
+                          n_save=n_save, stop=spec.run.stop_ratio is not None, bregman=bregman,
+                          round_steps=2000)
+    total = sum(len(dep.inits) for dep in depths.values()) * len(problems)
+    if store is not None:
+        store.begin(problems_ds)
+    found = store.scan() if store is not None else {}
+    planned = [(L, p, idx) for L, dep in depths.items() for p in range(len(problems)) for idx in dep.chunks]
+    done = _done_jobs(found)
+    missing = [idx[~np.isin(idx, list(done.get((L, p_seeds[p]), ())))] for L, p, idx in planned]
+    bar = _progress(total, progress)
+    pieces = dict(found)
+
+    def compute(k):
+        L, p, _ = planned[k]
+        idx = missing[k]
+        dep = depths[L]
+        seen = [0]
+
+        def on_jobs(n):
+            bar.update(n - seen[0])
+            seen[0] = n
+
+        res, stats = run_queue(
+            config, losses[p], dep.inits[idx], targets[L, p][idx], ts=spec.save_times,
+            t1=spec.run.t1, rtol=spec.run.rtol, atol=spec.run.atol, max_steps=spec.run.max_steps,
+            theta_star=theta_min[p], devices=devices, size=size, on_jobs=on_jobs)
+        bar.update(len(idx) - seen[0])
+        return _chunk_dataset(spec, inputs, L, p_seeds[p], idx, res, stats, f0[L, p][idx],
+                              dep.c0[idx], bregman)
+
     try:
-        size = min(chunk, len(jobs))
-        lanes = lanes_for(spec.engine.lanes, size, len(devices))
-        for L in spec.run.depths:
-            config = EngineConfig(
-                formulation=form, solver=solver, lanes=lanes, n_save=n_save,
-                stop=spec.run.stop_ratio is not None,
-                bregman=bregman, round_steps=2000,
-            )
-            inits = np.stack([make_init(spec.init.scheme, L, d, a, k, s) for s, a, k in jobs])
-            order = np.argsort(-difficulty(inits), kind="stable")
-            for p_index, prob in enumerate(problems):
-                p_seed = spec.problem.seeds[p_index]
-                loss = prob.loss()
-                f_star = float(problems_ds.f_star[p_index])
-                f_star = 0.0 if not np.isfinite(f_star) else f_star
-                theta0 = np.prod(inits, axis=1)
-                f0 = np.asarray(jax.vmap(loss)(jnp.asarray(theta0)))
-                ratio = spec.run.stop_ratio or 0.0
-                targets = f_star + ratio * (f0 - f_star)
-                theta_min = np.nan_to_num(prob.theta_min)
-                for c, idx in enumerate(_chunks(order, chunk)):
-                    # The chunk size is in the name: a resume with another chunk size must not
-                    # take old chunks for new ones (they hold other runs).
-                    name = f"L{L}_p{p_seed}_n{chunk}_c{c:04d}"
-                    if store is not None and store.has_chunk(name):
-                        piece = store.load_chunk(name)
-                        pieces.append(piece if keep_theta else piece.drop_vars("theta"))
-                        bar.update(len(idx))
-                        continue
-                    done = [0]
-
-                    def on_jobs(n, done=done):
-                        bar.update(n - done[0])
-                        done[0] = n
-
-                    res, stats = run_queue(
-                        config, loss, inits[idx], targets[idx], ts=spec.save_times,
-                        t1=spec.run.t1, rtol=spec.run.rtol, atol=spec.run.atol,
-                        max_steps=spec.run.max_steps, theta_star=theta_min, devices=devices,
-                        size=size, on_jobs=on_jobs,
-                    )
-                    bar.update(len(idx) - done[0])
-                    c0 = np.asarray(theory_c0(inits[idx]))
-                    ds = _chunk_dataset(spec, L, p_seed, jobs, idx, res, stats, f0[idx], c0, bregman)
-                    if store is not None and store.writer:
-                        store.write_chunk(name, ds)
-                    pieces.append(ds if keep_theta else ds.drop_vars("theta"))
-                    stats_all.append(stats)
+        bar.update(total - sum(len(m) for m in missing))
+        if jax.process_count() > 1:
+            empty = types.SimpleNamespace(
+                status=np.zeros(0, np.int32), t_final=np.zeros(0), steps=np.zeros(0, np.int64),
+                rejected=np.zeros(0, np.int64), loss_final=np.zeros(0), drift=np.zeros(0),
+                loss=np.zeros((0, n_save)), theta=np.zeros((0, n_save, d)),
+                theta_final=np.zeros((0, d)), bregman=np.zeros((0, n_save)))
+            template = _chunk_dataset(spec, inputs, 0, 0, np.zeros(0, np.int64), empty,
+                                      {"lane_steps_executed": 0, "lane_steps_useful": 0},
+                                      np.zeros(0), np.zeros(0), bregman)
+            _run_distributed(planned, missing, compute, store, pieces, p_seeds, chunk, bar, template)
+        else:
+            for k, (L, p, _) in enumerate(planned):
+                if len(missing[k]) == 0 or (shard is not None and k % shard[1] != shard[0]):
+                    continue
+                ds = compute(k)
+                name = _chunk_name(L, p_seeds[p], missing[k])
+                if store is not None:
+                    store.write_chunk(name, ds)
+                pieces[name] = ds
     finally:
         bar.close()
-    result = _assemble(spec, pieces, problems_ds, stats_all, bregman_note, devices)
+    if shard is not None and store is not None:
+        pieces = store.scan(repair=False)  # the other shards' chunks too
+    distributed = jax.process_count() > 1
+    if distributed and out is not None and store is None:
+        # Process 0 holds every chunk and writes the dataset; the others read it back.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ddln_jax sweep: results written")
+        return load_dataset(Path(out) / "results.nc")
+    runs = _unique_runs(pieces, keep_theta)
+    if sum(r.sizes["run"] for r in runs) < total:
+        return None  # a shard whose sweep is not complete yet
+    result = _assemble(spec, runs, problems_ds, pieces, note, devices, inputs)
     result.attrs["theta_trajectories"] = (
         "in this dataset" if keep_theta else "in the chunk files only (too large to assemble); "
         "read them with ddln_jax.load_trajectories"
     )
-    if store is not None and store.writer:
+    if store is not None:
         store.write_final(result)
+    if distributed and out is not None:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ddln_jax sweep: results written")
     return result
+
+
+def _done_jobs(found: dict) -> dict:
+    done = {}
+    for ds in found.values():
+        for L, p, j in zip(ds["depth"].values, ds["problem"].values, ds["job"].values):
+            done.setdefault((int(L), int(p)), set()).add(int(j))
+    return done
+
+
+def _unique_runs(pieces: dict, keep_theta: bool) -> list[xr.Dataset]:
+    """Every run once (chunks of different chunkings may overlap), in chunk-name order."""
+    seen, out = set(), []
+    for name in sorted(pieces):
+        ds = pieces[name]
+        keys = list(zip(ds["depth"].values.tolist(), ds["problem"].values.tolist(), ds["job"].values.tolist()))
+        keep = [i for i, key in enumerate(keys) if key not in seen]
+        seen.update(keys)
+        if keep:
+            part = ds.isel(run=keep)
+            out.append(part if keep_theta else part.drop_vars("theta"))
+    return out
+
+
+def _run_distributed(planned, missing, compute, store, pieces, p_seeds, chunk, bar, template):
+    """Every process computes its share of the chunks on its own devices; process 0 gathers
+    them (fixed-size buffers through `process_allgather`) and writes them."""
+    from jax.experimental import multihost_utils
+
+    n, me = jax.process_count(), jax.process_index()
+    # Process 0 read the directory: every process follows its list of what is missing.
+    mask = np.zeros((len(planned), chunk), bool)
+    for k, m in enumerate(missing):
+        pos = np.flatnonzero(np.isin(planned[k][2], m))
+        mask[k, pos] = True
+    mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
+    todo = [k for k in range(len(planned)) if mask[k].any()]
+    for k in todo:
+        missing[k] = planned[k][2][mask[k, : len(planned[k][2])]]
+    for r in range(0, len(todo), n):
+        batch = todo[r : r + n]
+        mine = compute(batch[me]) if me < len(batch) else None
+        packed = multihost_utils.process_allgather(_pack(mine, template, chunk))
+        for q, k in enumerate(batch):
+            ds = _unpack(packed, q, template)
+            L, p, _ = planned[k]
+            name = _chunk_name(L, p_seeds[p], missing[k])
+            if store is not None:
+                store.write_chunk(name, ds)
+            pieces[name] = ds
+            if q != me:
+                bar.update(ds.sizes["run"])
+
+
+def _pack(ds, template, chunk) -> dict:
+    out = {"n": np.int64(0 if ds is None else ds.sizes["run"]),
+           "executed": np.int64(0 if ds is None else ds.attrs["lane_steps_executed"]),
+           "useful": np.int64(0 if ds is None else ds.attrs["lane_steps_useful"])}
+    for name, var in template.data_vars.items():
+        buf = np.zeros((chunk, *var.shape[1:]), var.dtype)
+        if ds is not None:
+            buf[: ds.sizes["run"]] = ds[name].values
+        out[name] = buf
+    return out
+
+
+def _unpack(packed, q, template) -> xr.Dataset:
+    n = int(packed["n"][q])
+    data = {name: (var.dims, np.asarray(packed[name][q][:n])) for name, var in template.data_vars.items()}
+    ds = xr.Dataset(data, coords=template.coords)
+    ds.attrs.update({"lane_steps_executed": int(packed["executed"][q]),
+                     "lane_steps_useful": int(packed["useful"][q])})
+    return ds
 
 
 def load_trajectories(out, **selection) -> xr.DataArray:
     """θ(t) of the runs of a sweep directory matching `selection` (e.g. `depth=3,
     alpha=0.5`), read chunk by chunk: for sweeps too large to hold θ(t) in memory at once.
+    Host-side; damaged chunks are reported and skipped.
 
     **Returns:** a DataArray with the run dimensions of the selection, `time` and `coord`.
     """
-    chunks = sorted((Path(out) / "chunks").glob("*.nc"))
-    if not chunks:
-        raise ValueError(f"{str(Path(out))!r} holds no sweep chunks")
-    unknown = set(selection) - set(JOB_DIMS)
+    root = Path(out)
+    spec_file = root / "spec.json"
+    try:
+        digest = json.loads(spec_file.read_text("utf-8"))["digest"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{str(root)!r} holds no readable spec.json ({e})") from e
+    pieces = ResultStore(root, digest, {}).scan(repair=False)
+    if not pieces:
+        raise StoreError(f"{str(root)!r} holds no sweep chunks")
+    dims = CUSTOM_DIMS if "init" in next(iter(pieces.values())) else JOB_DIMS
+    unknown = set(selection) - set(dims)
     if unknown:
-        raise ValueError(f"selection keys must be among {JOB_DIMS}, got {sorted(unknown)}")
+        raise ValueError(f"selection keys must be among {dims}, got {sorted(unknown)}")
     parts = []
-    for path in chunks:
-        ds = load_dataset(path)
+    for ds in _unique_runs(pieces, True):
         mask = np.ones(ds.sizes["run"], bool)
         for key, value in selection.items():
             mask &= np.isin(ds[key].values, np.atleast_1d(value))
         if mask.any():
-            parts.append(ds[["theta", *JOB_DIMS]].isel(run=np.flatnonzero(mask)))
+            parts.append(ds[["theta", *dims]].isel(run=np.flatnonzero(mask)))
     if not parts:
-        raise ValueError(f"no run of {str(Path(out))!r} matches {selection}")
-    flat = xr.concat(parts, dim="run").set_index(run=list(JOB_DIMS)).unstack("run")
-    return flat["theta"].transpose(*[d for d in (*JOB_DIMS, "time", "coord") if d in flat["theta"].dims])
+        raise ValueError(f"no run of {str(root)!r} matches {selection}")
+    flat = xr.concat(parts, dim="run").set_index(run=list(dims)).unstack("run")
+    return flat["theta"].transpose(*[d for d in (*dims, "time", "coord") if d in flat["theta"].dims])
 
 
-def _assemble(spec, pieces, problems_ds, stats_all, bregman_note, devices) -> xr.Dataset:
-    flat = xr.concat(pieces, dim="run", combine_attrs="drop")
-    flat = flat.set_index(run=list(JOB_DIMS)).unstack("run")
-    flat = flat.reindex(
-        depth=list(spec.run.depths), problem=list(spec.problem.seeds), shape=list(spec.init.shape),
-        alpha=list(spec.init.alpha),
-        seed=list(spec.init.seeds if spec.init.scheme == "gaussian" else spec.init.seeds[:1]),
-    )
-    order = [*JOB_DIMS, "time", "coord"]
+def _assemble(spec, runs, problems_ds, pieces, bregman_note, devices, inputs) -> xr.Dataset:
+    dims = run_dims(spec)
+    flat = xr.concat(runs, dim="run", combine_attrs="drop").drop_vars("job")
+    flat = flat.set_index(run=list(dims)).unstack("run")
+    if spec.init.scheme == "custom":
+        flat = flat.reindex(depth=list(spec.run.depths), problem=[0],
+                            init=list(range(max(inputs.runs_per_depth(L) for L in spec.run.depths))))
+    else:
+        flat = flat.reindex(
+            depth=list(spec.run.depths), problem=list(spec.problem.seeds), shape=list(spec.init.shape),
+            alpha=list(spec.init.alpha),
+            seed=list(spec.init.seeds if spec.init.scheme == "gaussian" else spec.init.seeds[:1]),
+        )
+    order = [*dims, "time", "coord"]
     flat = flat.transpose(*[dim for dim in order if dim in flat.dims])
     ds = xr.merge([flat, problems_ds])
-    executed = sum(s["lane_steps_executed"] for s in stats_all)
-    useful = sum(s["lane_steps_useful"] for s in stats_all)
+    # Engine statistics of every chunk used, loaded or computed.
+    executed = sum(int(p.attrs.get("lane_steps_executed", 0)) for p in pieces.values())
+    useful = sum(int(p.attrs.get("lane_steps_useful", 0)) for p in pieces.values())
     status = ds["status"].values
+    valid = status[status >= 0] if np.issubdtype(status.dtype, np.integer) else status[np.isfinite(status)]
     ds.attrs = {
         "spec": json.dumps(spec.to_dict(), sort_keys=True),
-        "spec_digest": spec.digest(),
+        "spec_digest": inputs.digest,
         "versions": json.dumps(_versions(), sort_keys=True),
         "stop_ratio": float(spec.run.stop_ratio) if spec.run.stop_ratio is not None else math.nan,
         "bregman": bregman_note,
         "lane_efficiency": useful / executed if executed else math.nan,
-        "devices": len(devices),
-        "n_runs": int(status.size),
-        "n_failed": int(np.sum((status != Status.SUCCESS) & (status != Status.EVENT))),
+        "devices": len(devices) * jax.process_count(),
+        "n_runs": int(valid.size),
+        "n_failed": int(np.sum((valid != SUCCESS) & (valid != EVENT))),
     }
     return ds
 
@@ -346,12 +787,12 @@ def summary(ds: xr.Dataset) -> str:
         for a in ds.alpha.values:
             sub = ds.sel(depth=L, alpha=a)
             st = sub["status"].values.ravel()
-            failed = int(np.sum((st != Status.SUCCESS) & (st != Status.EVENT)))
+            failed = int(np.sum((st != SUCCESS) & (st != EVENT)))
             if has_eps:
                 # Runs that ended at t1 above ε count as +inf in the median.
-                vals = np.where(st == Status.SUCCESS, np.inf, sub["time_to_eps"].values.ravel())
+                vals = np.where(st == SUCCESS, np.inf, sub["time_to_eps"].values.ravel())
                 val = np.nanmedian(vals) if np.any(~np.isnan(vals)) else math.nan
-                reached = int(np.sum(st == Status.EVENT))
+                reached = int(np.sum(st == EVENT))
                 cell = f"{reached:>11} {val:>19.4g}"
             else:
                 cell = f"{np.nanmedian(sub['loss_final'].values):>18.3e}"
