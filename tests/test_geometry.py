@@ -175,12 +175,11 @@ def test_outside_the_box_is_infinite_not_nan():
     assert float(g.phi(jnp.array([jnp.inf, 0, 0]))[0]) == float(g.phi_inf[0])
 
 
-def test_balanced_init_gets_a_clear_error():
-    u0 = dj.balanced_init(3, 4, 0.5)
-    with pytest.raises(ValueError, match="Assumption A"):
+def test_partial_tie_gets_a_clear_error():
+    """Two smallest layers tie while a third is larger (L = 3): no potential implemented."""
+    u0 = np.array([[0.5, 1.0], [0.5, 2.0], [1.0, 0.3]])
+    with pytest.raises(ValueError, match=r"tie while another layer is larger .* \[0\]"):
         dj.Geometry(u0)
-    # The layer maps stay valid without it: g = L|θ|^{2 - 2/L}.
+    # The layer maps stay valid without it.
     g = dj.Geometry(u0, require_assumption_a=False)
-    w = jnp.full(4, 0.7)
-    np.testing.assert_allclose(g.metric_w(w), 3 * np.abs(g.psi(w)) ** (4 / 3), rtol=1e-13)
-    np.testing.assert_allclose(g.layers(g.reduce(u0)), u0, rtol=1e-15)
+    np.testing.assert_allclose(g.layers(g.reduce(jnp.asarray(u0))), u0, rtol=1e-15)
