@@ -31,32 +31,38 @@ from ._sweep import (
     sweep as sweep,
 )
 from ._results import open_results as open_results
-from ._theory import (
+from ._bounds import (
     BoundReport as BoundReport,
-    EscapePrediction as EscapePrediction,
-    ImplicitBias as ImplicitBias,
-    LimitStatus as LimitStatus,
     PLEstimate as PLEstimate,
-    SaddleToSaddle as SaddleToSaddle,
     bound_report as bound_report,
     c0 as c0,
-    detect_saddles as detect_saddles,
-    implicit_bias_limit as implicit_bias_limit,
-    kernel_limit as kernel_limit,
-    measure_escape_time as measure_escape_time,
-    phi_inf as phi_inf,
-    phi_inf_constant as phi_inf_constant,
     pl_bound as pl_bound,
     pl_constant as pl_constant,
     pl_estimate as pl_estimate,
-    predict_escape_time as predict_escape_time,
-    predict_first_jump as predict_first_jump,
-    rescaled_time as rescaled_time,
-    scalar_hitting_time as scalar_hitting_time,
-    small_init_limit as small_init_limit,
     sublinear_bound as sublinear_bound,
-    time_to_eps_table as time_to_eps_table,
+)
+from ._implicit_bias import (
+    ImplicitBias as ImplicitBias,
+    LimitStatus as LimitStatus,
+    implicit_bias_limit as implicit_bias_limit,
+    kernel_limit as kernel_limit,
+    small_init_limit as small_init_limit,
     weighted_l1_interpolator as weighted_l1_interpolator,
 )
+from ._small_init import (
+    EscapePrediction as EscapePrediction,
+    measure_escape_time as measure_escape_time,
+    phi_inf as phi_inf,
+    phi_inf_constant as phi_inf_constant,
+    predict_escape_time as predict_escape_time,
+    scalar_hitting_time as scalar_hitting_time,
+)
+from ._saddles import (
+    SaddleToSaddle as SaddleToSaddle,
+    detect_saddles as detect_saddles,
+    predict_first_jump as predict_first_jump,
+    rescaled_time as rescaled_time,
+)
+from ._analysis import time_to_eps_table as time_to_eps_table
 
 __version__ = "0.1.0"
