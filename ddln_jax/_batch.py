@@ -46,11 +46,14 @@ def run_queue(
     devices=None,
     size: int | None = None,
     on_jobs=None,
-) -> tuple[Outputs, dict]:
+    tangent: tuple | None = None,
+):
     """Run every init of `u0` (B, L, d) to its end on the engine; outputs in input order.
 
     `targets` are the loss thresholds (used when `config.stop`); `size` pads the queue to a
-    fixed length (default: B); `on_jobs(n)` is told how many runs have ended.
+    fixed length (default: B); `on_jobs(n)` is told how many runs have ended. With
+    `tangent = (du0, dtargets)` (arrays shaped like `u0` and `targets`) the engine runs in
+    forward mode and returns `(outputs, d_outputs, stats)`.
     """
     u0 = np.asarray(u0)
     dtype = u0.dtype if np.issubdtype(u0.dtype, np.floating) else np.float64
@@ -69,6 +72,19 @@ def run_queue(
     theta_star = np.zeros(d, dtype) if theta_star is None else np.asarray(theta_star, dtype)
     common = (np.asarray(ts, dtype), np.asarray(t1, dtype), np.asarray(rtol, dtype),
               np.asarray(atol, dtype), theta_star, np.asarray(max_steps, np.int32))
+    if tangent is not None:
+        if D != 1:
+            raise ValueError("forward-mode sensitivities run on one device")
+        du0, dtg = (np.asarray(t, dtype) for t in tangent)
+        dtangent = (jnp.asarray(pad(du0[order])), jnp.asarray(pad(np.broadcast_to(dtg, (J,))[order])))
+        data = EngineData(loss, u0p, tgp, np.asarray(J, np.int32), *common)
+        data = jax.tree_util.tree_map(jnp.asarray, data)
+        out, dout, stats = run_engine(config, data, on_round=on_jobs, tangent=dtangent)
+        inverse = np.empty(J, int)
+        inverse[order] = np.arange(J)
+        back = lambda t: jax.tree_util.tree_map(
+            lambda x: x[:J][inverse] if x.dtype != jax.dtypes.float0 else x[:J], t)
+        return back(out), back(dout), stats
     if D == 1:
         data = EngineData(loss, u0p, tgp, np.asarray(J, np.int32), *common)
         data = jax.tree_util.tree_map(jnp.asarray, data)

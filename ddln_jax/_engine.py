@@ -435,19 +435,55 @@ class _Sharded:
         return self._round(self.local, self._dyn, carry)
 
 
+def _zero_tangent(tree):
+    """Zero tangents of a pytree's arrays (float0 for integer arrays, as `jax.jvp` wants)."""
+
+    def zero(x):
+        if not eqx.is_array(x):
+            return x
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.zeros_like(x)
+        return np.zeros(x.shape, jax.dtypes.float0)
+
+    return jax.tree_util.tree_map(zero, tree)
+
+
+@eqx.filter_jit
+def engine_round_jvp(config: EngineConfig, data: EngineData, carry: Carry, ddata, dcarry):
+    """`engine_round` in forward mode: the while loop carries the tangents along every lane
+    (run refills, clipped saves and the located event time included)."""
+    return jax.jvp(lambda d, c: engine_round(config, d, c), (data, carry), (ddata, dcarry))
+
+
 def run_engine(
     config: EngineConfig,
     data: EngineData,
     *,
     devices=None,
     on_round: Callable[[int], None] | None = None,
-) -> tuple[Outputs, dict]:
+    tangent: tuple | None = None,
+) -> tuple[Outputs, dict] | tuple[Outputs, Outputs, dict]:
     """Run every job of `data` to its end; returns per-job outputs and engine statistics.
 
     With several `devices`, `data.u0`, `data.targets` and `data.n_jobs` carry a leading device
     axis (one queue per device) and so do the outputs; `config.lanes` is per device.
+
+    With `tangent = (du0, dtargets)` (one device), the engine runs in forward mode and also
+    returns the outputs' tangents: `(outputs, d_outputs, stats)`.
     """
-    if devices is not None and len(devices) > 1:
+    dcarry = None
+    if tangent is not None:
+        if devices is not None and len(devices) > 1:
+            raise ValueError("forward-mode sensitivities run on one device")
+        carry = _empty(config, data)
+        ddata = eqx.tree_at(lambda d: (d.u0, d.targets), _zero_tangent(data), tangent)
+        dcarry = _zero_tangent(carry)
+
+        def step(c):
+            nonlocal dcarry
+            c, dcarry = engine_round_jvp(config, data, c, ddata, dcarry)
+            return c
+    elif devices is not None and len(devices) > 1:
         engine = _Sharded(config, data, devices)
         carry = engine.start()
         step = engine.round
@@ -474,4 +510,7 @@ def run_engine(
         "lane_efficiency": useful / executed if executed else math.nan,
         "jobs": int(np.sum(n_jobs)),
     }
-    return jax.tree_util.tree_map(np.asarray, carry.out), stats
+    out = jax.tree_util.tree_map(np.asarray, carry.out)
+    if tangent is not None:
+        return out, jax.tree_util.tree_map(np.asarray, dcarry.out), stats
+    return out, stats

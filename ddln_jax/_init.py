@@ -95,9 +95,10 @@ def check_init(u0, name: str = "u0", *, batch: bool = False) -> Float[Array, "*B
 
 def smallest_gap(u0) -> Float[Array, "*B d"]:
     """Per coordinate, the gap between the two smallest u^j_i² (+inf for L = 1); batched."""
+    xp = jnp if is_tracer(u0) else np  # NumPy on concrete values, also inside a trace
     if u0.shape[-2] == 1:
-        return jnp.full(u0.shape[:-2] + u0.shape[-1:], jnp.inf, u0.dtype)
-    sq = jnp.sort(u0**2, axis=-2)
+        return xp.full(u0.shape[:-2] + u0.shape[-1:], np.inf, u0.dtype)
+    sq = xp.sort(xp.asarray(u0) ** 2, axis=-2)
     return sq[..., 1, :] - sq[..., 0, :]
 
 

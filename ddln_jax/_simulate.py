@@ -13,7 +13,8 @@ import numpy as np
 from ._batch import run_queue
 from ._engine import EngineConfig
 from ._flows import AbstractFormulation, as_formulation
-from ._init import check_init, require_assumption_a
+from ._geometry import geometry_problems
+from ._init import check_init
 from ._losses import as_loss, check_loss_at, is_concrete
 from ._solution import (
     EVENT,
@@ -201,6 +202,24 @@ def _solve_batched(config, loss, u0, ts, t1, controller, dt0, target, theta_star
     return eqx.tree_at(lambda t: t.stats, traj, {"lane_efficiency": eff})
 
 
+def _check_geometry(u0, why: str) -> None:
+    """Refuse, before compiling, inits whose mirror geometry cannot be computed (balanced
+    coordinates are fine: they have the half-line geometry). The check is coordinatewise, so
+    a batch is checked in one call on its coordinates laid side by side."""
+    U = np.asarray(u0)
+    L, d = U.shape[-2:]
+    flat = U.reshape(-1, L, d).transpose(1, 0, 2).reshape(L, -1)
+    problems = geometry_problems(flat)
+    if problems:
+        reason, idx = next(iter(problems.items()))
+        where = [divmod(int(i), d) for i in idx[:5]]
+        at = (f"(init, coordinate) {where}" if U.ndim == 3 else f"coordinates {[c for _, c in where]}")
+        raise ValueError(
+            f"`u0` has no computable mirror geometry ({reason.replace('_', ' ')} at {at}), "
+            f"which {why} needs. Use formulation='layer' or 'reduced', or perturb the init."
+        )
+
+
 def _default_tolerances(dtype):
     return (1e-8, 1e-10) if jnp.dtype(dtype).itemsize >= 8 else (1e-5, 1e-7)
 
@@ -228,6 +247,7 @@ def simulate(
     progress: bool = False,
     lanes: int | None = None,
     devices=None,
+    _tangent=None,
 ) -> Trajectory:
     """Integrate the gradient flow of a deep diagonal linear network from `u0`.
 
@@ -339,12 +359,12 @@ def simulate(
         raise TypeError(f"`adjoint` must be a diffrax adjoint, got {_short(adjoint)}")
 
     geometric = {"grad_Q", "bregman"} & set(save)
-    if form.needs_assumption_a or geometric:
+    if (form.needs_assumption_a or geometric) and concrete:
         why = (
             f"the {form.name!r} formulation" if form.needs_assumption_a
             else f"saving {sorted(geometric)}"
         )
-        u0 = require_assumption_a(u0, "u0", why)
+        _check_geometry(u0, why)
     if "bregman" in save:
         if theta_star is None:
             raise ValueError("`theta_star` is required to save 'bregman' (D_Q(θ*, θ(t)))")
@@ -379,9 +399,18 @@ def simulate(
         if set(save) - {"bregman"}:
             raise ValueError(f"with `lanes`, `save` may only hold 'bregman', got {list(save)}")
         lanes = positive_int("lanes", lanes)
+        tangent = None
+        if _tangent is not None:
+            du0 = jnp.asarray(_tangent, dtype)
+            dtarget = jnp.zeros(u0.shape[:-2], dtype)
+            if stop_ratio is not None:  # the threshold moves with f(θ0)
+                f0 = lambda u: jax.vmap(lambda v: loss(jnp.prod(v, axis=0)))(u.reshape(-1, L, d))
+                df0 = jax.jvp(f0, (u0,), (du0,))[1].reshape(u0.shape[:-2])
+                dtarget = stop_ratio * df0
+            tangent = (du0, dtarget)
         return _simulate_on_engine(
             loss, u0, form, solver, lanes, devices, np.asarray(ts), t1, rtol, atol, max_steps,
-            target, stop_ratio is not None, theta_star, progress,
+            target, stop_ratio is not None, theta_star, progress, tangent,
         )
     config = _Config(
         form, solver, max_steps, save, stop_ratio is not None, bool(progress), bool(throw),
@@ -391,7 +420,7 @@ def simulate(
 
 
 def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, atol, max_steps,
-                        target, stop, theta_star, progress):
+                        target, stop, theta_star, progress, tangent=None):
     from tqdm.auto import tqdm
 
     batch = u0.ndim == 3
@@ -409,18 +438,43 @@ def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, at
         bar.update(n - seen[0])
         seen[0] = n
 
+    if tangent is not None:
+        du0, dtarget = tangent
+        tangent = (np.asarray(du0).reshape(U.shape), np.broadcast_to(np.asarray(dtarget), (B,)))
     try:
-        out, stats = run_queue(
+        res = run_queue(
             config, loss, U, np.broadcast_to(np.asarray(target), (B,)), ts=ts, t1=float(t1),
             rtol=float(rtol), atol=float(atol), max_steps=max_steps, theta_star=theta_star,
-            devices=devices, on_jobs=on_jobs,
+            devices=devices, on_jobs=on_jobs, tangent=tangent,
         )
     finally:
         bar.close()
+    out, stats = (res[0], res[2]) if tangent is not None else res
+    traj = _engine_trajectory(out, stats, form, ts, U.dtype, batch, theta_star is not None)
+    if tangent is None:
+        return traj
+    dout = res[1]
+    pick = (lambda x: jnp.asarray(x)) if batch else (lambda x: jnp.asarray(x[0]))
+    d = {"theta": dout.theta, "loss": dout.loss, "t_final": dout.t_final,
+         "theta_final": dout.theta_final, "loss_final": dout.loss_final, "bregman": dout.bregman}
+    return traj, _tangent_of(traj, {k: pick(v) for k, v in d.items()})
+
+
+def _tangent_of(traj: Trajectory, floats: dict) -> Trajectory:
+    """A tangent `Trajectory`: the given float fields, zeros for the other float fields (save
+    times, stats), float0 for the integer ones (as `jax.jvp` returns them)."""
+    zero = lambda x: (jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else np.zeros(x.shape, jax.dtypes.float0))
+    out = jax.tree_util.tree_map(zero, traj)
+    names = [k for k, v in floats.items() if getattr(traj, k) is not None]
+    return eqx.tree_at(lambda t: [getattr(t, k) for k in names], out, [floats[k] for k in names])
+
+
+def _engine_trajectory(out, stats, form, ts, dtype, batch, bregman) -> Trajectory:
+    B = out.t_final.shape[0]
     pick = (lambda x: jnp.asarray(x)) if batch else (lambda x: jnp.asarray(x[0]))
     steps = out.steps.astype(np.int32)
     rejected = out.rejected.astype(np.int32)
-    dtype = U.dtype
     return Trajectory(
         ts=pick(np.broadcast_to(np.asarray(ts, dtype), (B, len(ts)))),
         theta=pick(out.theta), loss=pick(out.loss),
@@ -428,7 +482,37 @@ def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, at
         loss_final=pick(out.loss_final), status=status_item(pick(out.status)),
         num_steps=pick(steps), num_accepted_steps=pick(steps - rejected),
         num_rejected_steps=pick(rejected),
-        bregman=pick(out.bregman) if theta_star is not None else None,
+        bregman=pick(out.bregman) if bregman else None,
         stats={"lane_efficiency": jnp.asarray(stats["lane_efficiency"], dtype)},
         formulation=form.name,
     )
+
+
+def simulate_jvp(loss, u0, du0, **kwargs) -> tuple[Trajectory, Trajectory]:
+    """Forward-mode sensitivities of a run (or a batch) along a direction `du0` in init space.
+
+    For u0 = α·v (any scheme that scales with α), the derivative with respect to α is the
+    direction `du0 = u0 / α`. Everything `simulate` records is differentiated: θ(t), f(θ(t)),
+    θ_final, the final time — for a run stopped at the loss threshold, the derivative of the
+    time to ε, by the implicit function theorem at the located event — and the threshold
+    itself moves with f(θ0).
+
+    **Arguments:**
+
+    - `loss`, `u0`, `**kwargs`: as for [`ddln_jax.simulate`][].
+    - `du0`: the tangent direction, the shape of `u0`.
+
+    **Returns:** `(trajectory, tangent)`: the tangent is a `Trajectory` whose float fields hold
+    the directional derivatives (integer fields are `float0`, as `jax.jvp` returns them).
+    Without `lanes` this is `jax.jvp` of `simulate`; with `lanes` the lane engine runs in
+    forward mode (its while loop carries the tangents), and the two agree run by run.
+    """
+    lanes = kwargs.pop("lanes", None)
+    du0 = as_float_array("du0", du0)
+    if np.shape(du0) != np.shape(u0):
+        raise ValueError(f"`du0` must have the shape of `u0` {np.shape(u0)}, got {np.shape(du0)}")
+    if lanes is None:
+        u0 = jnp.asarray(u0)
+        return jax.jvp(lambda u: simulate(loss, u, **kwargs), (u0,), (du0.astype(u0.dtype),))
+    # The engine path: validate through `simulate` itself (it returns the engine's inputs).
+    return simulate(loss, u0, lanes=lanes, _tangent=du0, **kwargs)

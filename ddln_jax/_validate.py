@@ -50,14 +50,14 @@ def as_float_array(name: str, value, *, ndim: int | tuple[int, ...] | None = Non
             )
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         arr = arr.astype(jnp.result_type(float))
-    out = jnp.asarray(arr)
-    if not is_tracer(out) and not bool(jnp.all(jnp.isfinite(out))):
-        bad = np.argwhere(~np.isfinite(np.asarray(out)))
+    # NumPy for the check: inside a trace even jnp ops on concrete arrays give tracers.
+    if not is_tracer(arr) and not np.all(np.isfinite(np.asarray(arr))):
+        bad = np.argwhere(~np.isfinite(np.asarray(arr)))
         raise ValueError(
             f"`{name}` must be finite, but it has {len(bad)} non-finite entries "
             f"(first at index {tuple(int(i) for i in bad[0])})"
         )
-    return out
+    return jnp.asarray(arr)
 
 
 def positive_scalar(name: str, value, *, allow_zero: bool = False) -> float:

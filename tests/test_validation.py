@@ -78,15 +78,46 @@ def test_depth_must_be_an_integer():
 
 
 @pytest.mark.parametrize("formulation", ["mirror", "dual"])
-def test_ties_refused_for_mirror_and_dual(small, formulation):
-    u0 = dj.balanced_init(3, 5, 0.5).at[:, 0].set(jnp.array([0.1, 0.2, 0.3]))
-    with pytest.raises(ValueError, match=r"`u0` violates Assumption A \(ties at coordinates \[1, 2, 3, 4\]\)"):
+def test_partial_ties_refused_for_mirror_and_dual(small, formulation):
+    """Balanced coordinates have the half-line geometry; a tie of the two smallest layers
+    under a larger one has no potential, and is refused before compiling."""
+    u0 = dj.gaussian_init(KEY, 3, 5, 0.5).at[:, 2].set(jnp.array([0.2, -0.2, 0.5]))
+    with pytest.raises(ValueError, match=r"no computable mirror geometry \(partial tie at coordinates \[2\]\)"):
         dj.simulate(small[0], u0, t1=1.0, formulation=formulation)
+    U = jnp.stack([dj.gaussian_init(KEY, 3, 5, 0.5), u0])
+    with pytest.raises(ValueError, match=r"partial tie at \(init, coordinate\) \[\(1, 2\)\]"):
+        dj.simulate(small[0], U, t1=1.0, formulation=formulation)
 
 
-def test_ties_refused_for_geometric_saves(small):
+def test_partial_ties_refused_for_geometric_saves(small):
+    u0 = dj.gaussian_init(KEY, 3, 5, 0.5).at[:, 2].set(jnp.array([0.2, -0.2, 0.5]))
     with pytest.raises(ValueError, match="saving \\['grad_Q'\\]"):
-        dj.simulate(small[0], dj.balanced_init(3, 5, 0.5), t1=1.0, save=("grad_Q",))
+        dj.simulate(small[0], u0, t1=1.0, save=("grad_Q",))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(rtol=10.0), ValueError, r"`rtol` must be < 1"),
+        (dict(rtol=1e8), ValueError, r"`rtol` must be < 1"),
+        (dict(atol=2.0), ValueError, r"`atol` must be < 1"),
+        (dict(stop_ratio=0.1, f_star=float("nan")), ValueError, r"`f_star` must be finite"),
+        (dict(stop_ratio=0.1, f_star="0"), TypeError, r"`f_star` must be a real number"),
+        (dict(ts="huge"), ValueError, r"would take 17.9 GiB .* over the 8 GiB limit"),
+    ],
+)
+def test_bad_run_options(small, kwargs, exc, match):
+    loss, u0 = small
+    if "ts" in kwargs:  # sized before anything is allocated: a (B, n, d) save that is too big
+        u0 = jnp.broadcast_to(u0, (2000,) + u0.shape)
+        kwargs = dict(ts=np.linspace(0, 1, 200_000))
+    with pytest.raises(exc, match=match):
+        dj.simulate(loss, u0, t1=1.0, **kwargs)
+
+
+def test_empty_batch_refused(small):
+    with pytest.raises(ValueError, match=r"`u0` must hold at least one init"):
+        dj.simulate(small[0], np.zeros((0, 3, 5)), t1=1.0)
 
 
 def test_float32_tolerance(small):
