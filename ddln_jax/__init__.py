@@ -23,7 +23,8 @@ from ._flows import (
     MirrorFlow as MirrorFlow,
     ReducedFlow as ReducedFlow,
 )
-from ._simulate import Status as Status, Trajectory as Trajectory, simulate as simulate
+from ._solution import Status as Status, Trajectory as Trajectory
+from ._simulate import simulate as simulate, simulate_jvp as simulate_jvp
 from ._spec import SpecError as SpecError, SweepSpec as SweepSpec
 from ._sweep import (
     load_trajectories as load_trajectories,
