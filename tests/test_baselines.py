@@ -2,12 +2,16 @@
 accuracy each should reach: the adaptive ODE baselines (rtol 1e-6) to 1e-4, gradient descent to
 O(η) with first-order convergence as η halves. A tiny workload keeps this fast."""
 
+import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from scipy.integrate import solve_ivp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import baselines as bl  # noqa: E402
@@ -20,7 +24,28 @@ def work():
 
 @pytest.fixture(scope="module")
 def ref(work):
-    return bl.reference(work)
+    t0 = time.perf_counter()
+    out = bl.reference(work)
+    out["wall_s"] = time.perf_counter() - t0  # what the call took, seen from outside
+    return out
+
+
+def _layer_flow_scipy(u0, ts, X, y):
+    """θ at `ts` from the layer ODE u̇^j = −(∏_{k≠j} u^k) ⊙ ∇f(θ) in NumPy (DOP853, rtol 1e-12):
+    independent of ddln_jax."""
+    L, d = u0.shape
+    n = X.shape[0]
+
+    def rhs(t, flat):
+        u = flat.reshape(L, d)
+        grad = X.T @ (X @ np.prod(u, axis=0) - y) / n
+        others = np.stack([np.prod(np.delete(u, j, axis=0), axis=0) for j in range(L)])
+        return (-others * grad).ravel()
+
+    sol = solve_ivp(rhs, (ts[0], ts[-1]), u0.ravel(), method="DOP853", t_eval=ts, rtol=1e-12,
+                    atol=1e-14)
+    assert sol.success
+    return np.prod(sol.y.T.reshape(len(ts), L, d), axis=1)
 
 
 def test_workload_matches_its_definition():
@@ -54,20 +79,33 @@ def test_accuracy_is_max_relative_error():
         bl.accuracy(theta[:1], ref)
 
 
-def test_reference_succeeds(work, ref):
+def test_reference_is_accurate(work, ref):
+    """The reference θ(t) against an independent SciPy integration of the layer ODE (1e-9
+    relative), for the smallest and the largest init scale; its timing is a part of the
+    call's wall time."""
     assert ref["theta"].shape == (3, 11, 12)
     np.testing.assert_allclose(ref["theta"][:, 0], np.prod(work.u0, axis=1), rtol=1e-14)
-    assert ref["time_s"] > 0 and ref["steps_min"] > 0
+    for k in (0, 2):
+        indep = _layer_flow_scipy(work.u0[k], work.ts, work.X, work.y)
+        assert bl.accuracy(ref["theta"][k], indep) <= 1e-9
+    assert 0 < ref["time_s"] <= ref["wall_s"] and 0 < ref["steps_min"] <= ref["steps_max"]
 
 
 def test_plain_vmap(work, ref):
+    """Accurate to 1e-4; each lane keeps its own step count, so reversing the inits reverses
+    the per-lane steps and leaves the lane efficiency unchanged; the two timed calls fit in the
+    wall time of the whole call."""
+    t0 = time.perf_counter()
     r = bl.plain_vmap(work)
+    wall = time.perf_counter() - t0
     assert r["all_succeeded"] and r["theta"].shape == ref["theta"].shape
     err = bl.accuracy(r["theta"], ref["theta"])
     assert 0 < err < 1e-4, err
-    steps = np.array(r["steps"])
-    assert r["lane_efficiency"] == pytest.approx(steps.sum() / (3 * steps.max()))
-    assert 0 < r["lane_efficiency"] <= 1 and r["time_s"] > 0 and r["compile_s"] >= 0
+    flipped = bl.plain_vmap(dataclasses.replace(work, u0=work.u0[::-1].copy(), alphas=work.alphas[::-1].copy()))
+    assert flipped["steps"] == r["steps"][::-1]
+    assert flipped["lane_efficiency"] == pytest.approx(r["lane_efficiency"], rel=1e-15)
+    assert len(set(r["steps"])) > 1 and 0 < r["lane_efficiency"] < 1
+    assert 0 < r["time_s"] and 0 < r["first_call_s"] and r["time_s"] + r["first_call_s"] <= wall
 
 
 def test_scipy_per_init_on_one_core(work, ref):
@@ -114,6 +152,11 @@ def test_sweep_bench_script_writes_its_json(tmp_path):
              "--skip", "scipy", "torchdiffeq", "gradient_descent", "--json", str(out)])
     res = json.loads(out.read_text())
     rows = {r["name"]: r for r in res["results"]}
-    assert rows["engine_lanes2"]["rel_err"] <= res["accuracy_required"] == 1e-5
+    # The README's requirement, 1e-5; every row's `accurate` flag says whether it met it.
+    assert rows["engine_lanes2"]["rel_err"] <= 1e-5
+    for r in rows.values():
+        if "rel_err" in r:
+            assert r["accurate"] == (r["rel_err"] <= res["accuracy_required"]), r["name"]
     assert 0 < rows["engine_lanes2"]["lane_efficiency"] <= 1
-    assert "plain_vmap_over_engine" in res["ratios"] and res["machine"]["jax_backend"] == "cpu"
+    assert "plain_vmap_over_engine" in res["ratios"]
+    assert res["machine"]["jax_backend"] == jax.default_backend()
