@@ -338,7 +338,14 @@ def _phi_inv_all(eta, delta, w0):
         return eta, jnp.zeros_like(eta)
     tied, partial, frozen = _kinds(delta, w0)
     special = tied | partial
-    out = _phi_inv(jnp.where(special, 0.0, eta), jnp.where(special, 1.0, delta))
+    # The untied branch is a Newton iteration with quadratures: skip it when no coordinate
+    # needs it (balanced inits; under vmap both branches run anyway).
+    out = jax.lax.cond(
+        jnp.all(special),
+        lambda e, dl: jnp.zeros_like(e),
+        lambda e, dl: _phi_inv(e, dl),
+        jnp.where(special, 0.0, eta), jnp.where(special, 1.0, delta),
+    )
     half = tied & ~frozen
     w0s = jnp.where(half, w0, 1.0)
     ell = _tied_ell(jnp.where(half, eta, 0.0), w0s, K)
@@ -761,7 +768,9 @@ def _eta_solve(theta, delta, w0, c):
     def tol(old, new):
         eta, lo, hi, prev = new
         small = jnp.abs(eta - prev) <= 4 * eps * jnp.abs(eta)
-        return small | (hi - lo <= 4 * eps * jnp.maximum(jnp.abs(lo), jnp.abs(hi))) | (
+        width = hi - lo
+        collapsed = jnp.isfinite(width) & (width <= 4 * eps * jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+        return small | collapsed | (
             theta == jnp.inf) | (theta == -jnp.inf)
 
     start = jnp.clip(eta0, lo, hi)
@@ -866,6 +875,12 @@ class SignedGeometry(eqx.Module):
         """The open interval of η = ∇R(θ) where ∇R* is finite, per coordinate."""
         h = self.halves
         return _signed_bounds(h.delta, h.w0, self.c)
+
+    @property
+    def eta0(self) -> Float[Array, " d"]:
+        """η at t = 0, ∇Q⁺(θ0⁺) (no root find: from the reduced init)."""
+        h = self.halves
+        return _phi_all(h.w0[: self.d], h.delta[:, : self.d], h.w0[: self.d])
 
     def theta0(self) -> Float[Array, " d"]:
         h = self.halves
