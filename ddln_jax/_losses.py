@@ -131,7 +131,7 @@ class Logistic(AbstractLoss):
 
     def __init__(self, X, y):
         X, y = _check_data(X, y)
-        if not is_tracer(y) and not bool(jnp.all(jnp.abs(y) == 1)):
+        if not is_tracer(y) and not np.all(np.abs(np.asarray(y)) == 1):
             bad = np.unique(np.asarray(y)[np.abs(np.asarray(y)) != 1])
             raise ValueError(f"`y` must hold labels in {{-1, +1}}, got values {bad[:5].tolist()}")
         self.X, self.y = X, y

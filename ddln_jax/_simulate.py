@@ -320,7 +320,10 @@ def simulate(
         if ts.shape[0] == 0:
             raise ValueError("`ts` must hold at least one save time, got an empty array")
         bad = (jnp.any(jnp.diff(ts) <= 0) | (ts[0] < 0) | (ts[-1] > t1))
-        ts = check_traced(ts, bad, f"`ts` must be increasing save times in [0, t1], got {_short(ts)}")
+        t1_text = "t1" if isinstance(t1, jax.core.Tracer) else f"t1={float(t1)}"
+        shown = (np.asarray(ts).tolist() if not isinstance(ts, jax.core.Tracer) and ts.size <= 8
+                 else _short(ts))
+        ts = check_traced(ts, bad, f"`ts` must be increasing save times in [0, {t1_text}], got {shown}")
     save = (save,) if isinstance(save, str) else tuple(save)
     unknown = [s for s in save if s not in SAVEABLE]
     if unknown:
