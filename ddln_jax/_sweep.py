@@ -537,7 +537,7 @@ def _run(spec, inputs, store, out, devices, progress, shard):
             if not np.all(np.isfinite(v)):
                 j = int(np.flatnonzero(~np.isfinite(v))[0])
                 raise SpecError(f"{spec.source}: [init]: f(θ0) is not finite for run {j} of depth {L} "
-                                f"(θ0 overflows: scale α or depth too large)")
+                                f"(f(θ0) = {v[j]}): α, the depth or the data's scale overflow float64")
             fs = f_star[p] if f_star[p] is not None and np.isfinite(f_star[p]) else 0.0
             f0[L, p], targets[L, p] = v, fs + ratio * (v - fs)
     problems_ds = _problems_dataset(spec, problems, f_star, pl)
@@ -553,9 +553,10 @@ def _run(spec, inputs, store, out, devices, progress, shard):
                           n_save=n_save, stop=spec.run.stop_ratio is not None, bregman=bregman,
                           round_steps=2000)
     total = sum(len(dep.inits) for dep in depths.values()) * len(problems)
+    # Chunks first: another spec's chunks are refused before this spec's files are written.
+    found = store.scan() if store is not None else {}
     if store is not None:
         store.begin(problems_ds)
-    found = store.scan() if store is not None else {}
     planned = [(L, p, idx) for L, dep in depths.items() for p in range(len(problems)) for idx in dep.chunks]
     done = _done_jobs(found)
     missing = [idx[~np.isin(idx, list(done.get((L, p_seeds[p]), ())))] for L, p, idx in planned]
