@@ -195,7 +195,7 @@ def _check_learning_rate(learning_rate):
                          f"{lr.shape}")
     bad = np.flatnonzero(~np.isfinite(lr) | (lr <= 0))
     if bad.size:
-        raise ValueError(f"`learning_rate` must be finite and > 0, got {lr[bad[0]]!r} at index "
+        raise ValueError(f"`learning_rate` must be finite and > 0, got {float(lr[bad[0]])!r} at index "
                          f"{int(bad[0])}")
     return lr
 
