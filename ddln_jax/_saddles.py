@@ -17,13 +17,14 @@ from jaxtyping import Array, Float, Scalar
 
 from ._bounds import _single_run
 from ._losses import as_loss
-from ._validate import is_tracer, positive_scalar
+from ._validate import check_traced, is_tracer, positive_scalar
 
 
 def rescaled_time(ts, alpha) -> Float[Array, "..."]:
     """t̃ = t/log(1/α), the clock on which small-α depth-2 flows jump between saddles.
 
-    Works under `jax.jit`, `jax.vmap` and `jax.grad` (α is checked only when concrete).
+    Works under `jax.jit`, `jax.vmap` and `jax.grad` (a traced α outside (0, 1) is a runtime
+    error of the compiled program).
 
     **Arguments:**
 
@@ -31,7 +32,10 @@ def rescaled_time(ts, alpha) -> Float[Array, "..."]:
 
     **Returns:** the rescaled times, shape of `ts`.
     """
-    if not is_tracer(alpha):
+    if is_tracer(alpha):
+        alpha = check_traced(alpha, ~((alpha > 0) & (alpha < 1)),
+                             "`alpha` must be in (0, 1) for the rescaled time")
+    else:
         alpha = positive_scalar("alpha", alpha)
         if alpha >= 1:
             raise ValueError(f"`alpha` must be in (0, 1) for the rescaled time, got {alpha}")

@@ -18,9 +18,9 @@ import numpy as np
 from jaxtyping import Array, Float, Int, Scalar
 
 from ._geometry import _W, _X, Geometry, _psi, _psi_inv, _quad_integrand
-from ._init import check_init
+from ._init import check_init, require_assumption_a
 from ._losses import as_loss
-from ._validate import as_float_array, is_tracer, positive_scalar
+from ._validate import as_float_array, check_traced, is_tracer, positive_scalar
 
 
 def phi_inf_constant(L: int) -> float:
@@ -41,8 +41,8 @@ def phi_inf(u0: Float[Array, "L d"]) -> Float[Array, " d"]:
     """Φ_i(∞) = ∫_0^∞ dr/∏_{j≠m}√(r² + δ_{j,i}) per coordinate: the half-width of the box in
     which η = ∇Q(θ) lives for L ≥ 3 (+inf for L ≤ 2).
 
-    Needs Assumption A (checked on concrete input). Works under `jax.jit`, `jax.vmap` and
-    `jax.grad`.
+    Needs Assumption A (a `ValueError` on concrete input, a runtime error of the compiled
+    program when traced). Works under `jax.jit`, `jax.vmap` and `jax.grad`.
 
     **Arguments:**
 
@@ -52,7 +52,7 @@ def phi_inf(u0: Float[Array, "L d"]) -> Float[Array, " d"]:
     """
     if not is_tracer(u0):
         u0 = check_init(u0)
-        Geometry(u0)  # raises the one Assumption-A error
+    u0 = require_assumption_a(u0, "u0", "Φ(∞)")
     return _phi_inf_jit(u0)
 
 
@@ -127,7 +127,7 @@ def predict_escape_time(loss, u0) -> EscapePrediction:
                 f"`u0` has L = {u0.shape[0]} layer: L = 1 is plain gradient flow, with no saddle "
                 "at 0 to escape from"
             )
-        Geometry(u0)  # raises the one Assumption-A error: ∇Q(θ0) and Φ(∞) need it
+    u0 = require_assumption_a(u0, "u0", "the escape prediction (through ∇Q(θ0) and Φ(∞))")
     return _escape_times_jit(loss, u0)
 
 
@@ -150,7 +150,9 @@ def measure_escape_time(trajectory, threshold) -> Float[Array, "*batch"]:
 
     **Returns:** the escape time(s), one per run.
     """
-    if not is_tracer(threshold):
+    if is_tracer(threshold):
+        threshold = check_traced(threshold, ~(threshold > 0), "`threshold` must be > 0")
+    else:
         threshold = positive_scalar("threshold", threshold)
     ts = jnp.asarray(trajectory.ts)
     theta = jnp.asarray(trajectory.theta)
@@ -201,7 +203,12 @@ def scalar_hitting_time(u0, target=0.5) -> Scalar:
                 f"`target` must lie in (θ0, 1) = ({theta0:.6g}, 1) for f = ½(θ − 1)², got {target}"
             )
     u0 = jnp.asarray(u0).reshape(-1)
-    return _scalar_time(u0, jnp.asarray(target, u0.dtype))
+    target = jnp.asarray(target, u0.dtype)
+    if is_tracer(u0) or is_tracer(target):
+        theta0 = jnp.prod(u0)
+        target = check_traced(target, ~((theta0 < target) & (target < 1)),
+                              "`target` must lie in (θ0, 1) for f = ½(θ − 1)²")
+    return _scalar_time(u0, target)
 
 
 @jax.jit

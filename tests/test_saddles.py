@@ -3,6 +3,7 @@ exact simulations at α down to 1e-24."""
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +73,8 @@ def test_bad_input_is_refused():
         rescaled_time(np.ones(3), 2.0)
     with pytest.raises(ValueError, match=r"`alpha` must be finite and > 0"):
         rescaled_time(np.ones(3), -1.0)
+    with pytest.raises(RuntimeError, match=r"`alpha` must be in \(0, 1\)"):  # traced: error_if
+        eqx.filter_jit(rescaled_time)(jnp.ones(3), jnp.asarray(2.0))
     X, y, _ = problem(0)
     batch = run(dj.LeastSquares(X, y), band_inits(2, 0), np.linspace(0.0, 1.0, NT))
     with pytest.raises(ValueError, match=r"`trajectory` must be a single run"):

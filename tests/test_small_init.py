@@ -4,6 +4,7 @@ forms, an independent ODE solver and exact simulations."""
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,6 +225,8 @@ def test_bad_input_is_refused():
         predict_escape_time(loss, dj.balanced_init(3, D, 0.01))
     with pytest.raises(ValueError, match=r"`u0` violates Assumption A"):
         phi_inf(dj.balanced_init(3, D, 0.01))
+    with pytest.raises(RuntimeError, match=r"`u0` violates Assumption A"):  # traced: error_if
+        eqx.filter_jit(phi_inf)(dj.balanced_init(3, D, 0.01))
     with pytest.raises(ValueError, match=r"`L` must be ≥ 3"):
         phi_inf_constant(2)
     with pytest.raises(TypeError, match=r"`L` must be an integer"):

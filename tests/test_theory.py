@@ -11,7 +11,6 @@ from helpers import NT, B, D, N, band_inits, long_runs, problem, run
 
 import ddln_jax as dj
 from ddln_jax import (
-    LimitStatus,
     implicit_bias_limit,
     kernel_limit,
     small_init_limit,
@@ -35,7 +34,7 @@ def test_implicit_bias_limit_is_the_limit_of_long_simulations(L):
     limit, exact there) to 1e-12."""
     worst = 0.0
     for X, y, theta_star, u0, tr, lim in long_runs(L):
-        assert list(lim.status_name) == ["converged"] * B
+        assert list(lim.status_name) == ["success"] * B
         err = np.linalg.norm(tr.theta_final - lim.theta, axis=1) / np.linalg.norm(lim.theta, axis=1)
         worst = max(worst, float(err.max()))
         assert np.all(lim.residual <= 1e-12)
@@ -60,7 +59,7 @@ def test_implicit_bias_rank_deficient_and_jittable_pieces():
     u0 = band_inits(3, 1)[1]
     a = implicit_bias_limit(X, y, u0)
     b = implicit_bias_limit(np.vstack([X, X[:2]]), np.concatenate([y, y[:2]]), u0)
-    assert a.status_name == b.status_name == "converged"
+    assert a.status_name == b.status_name == "success"
     np.testing.assert_allclose(b.theta, a.theta, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(jax.jit(kernel_limit)(X, y, u0), kernel_limit(X, y, u0), rtol=1e-12)
 
@@ -92,7 +91,7 @@ def test_small_init_limit_approaches_the_l1_interpolator(L):
     tr = run(dj.LeastSquares(X, y), u0, np.geomspace(1.0, t1 + 1, NT) - 1, rtol=1e-12)
     assert list(tr.status_name) == ["success"] * B
     lim = implicit_bias_limit(X, y, u0)
-    assert list(lim.status_name) == ["converged"] * B
+    assert list(lim.status_name) == ["success"] * B
     err = np.linalg.norm(tr.theta_final - lim.theta, axis=1) / np.linalg.norm(lim.theta, axis=1)
     assert err.max() <= 1e-8, err
     dist = np.abs(np.asarray(tr.theta_final) - l1).sum(axis=1)
@@ -148,8 +147,6 @@ def test_bad_input_is_refused_or_marked():
         weighted_l1_interpolator(X, y, weights=-np.ones(D))
     with pytest.raises(ValueError, match=r"`u0` violates Assumption A"):
         small_init_limit(X, y, dj.balanced_init(3, D, 0.1))
-    # An unfinished or precision-limited solve says so in its status.
+    # An unfinished solve says so in its status (statuses at tiny scales: test_implicit_bias).
     short = implicit_bias_limit(X, y, dj.zero_first_init(3, D, 0.05), max_iter=2)
-    assert short.status == LimitStatus.MAX_ITER and not short.converged
-    tiny = implicit_bias_limit(X, y, dj.zero_first_init(5, D, 1e-3))  # η within eps·Φ(∞) ≈ 2e-7 of a face
-    assert tiny.status_name == "rounding" and not tiny.converged and float(tiny.residual) > 1e-12
+    assert short.status_name == "max_steps" and not short.converged
