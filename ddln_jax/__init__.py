@@ -44,7 +44,6 @@ from ._bounds import (
 )
 from ._implicit_bias import (
     ImplicitBias as ImplicitBias,
-    LimitStatus as LimitStatus,
     implicit_bias_limit as implicit_bias_limit,
     kernel_limit as kernel_limit,
     small_init_limit as small_init_limit,
