@@ -1,5 +1,5 @@
-"""Convergence bounds, in the form a simulation can be held to (docs/math.md, "Results:
-convergence bounds").
+"""Convergence bounds, in the form a simulation can be held to (docs/math.md, "Convergence
+bounds").
 
 - The PL rate: f(θ(t)) − f* ≤ (f(θ0) − f*)·e^{−2μ c0 t}, with c0 = min_i ∏_{j≠m} δ_{j,i} the
   smallest value the metric g takes along any flow.
@@ -130,8 +130,8 @@ def c0(u0: Float[Array, "*batch L d"]) -> Float[Array, "*batch"]:
     """c0 = min_i ∏_{j≠m_i} δ_{j,i}, the smallest value of the metric g along any flow.
 
     g_i(θ) = ∏_j (w² + δ_j)(1 + Σ_j w²/(w² + δ_j)) ≥ ∏_j δ_j (its value at θ_i = 0), so
-    θ̇ = −g ⊙ ∇f makes f decay at least like e^{−2μ c0 t} (docs/math.md, "Results:
-    convergence bounds"). It is 1 for L = 1 and 0 when Assumption A fails (the bound is then
+    θ̇ = −g ⊙ ∇f makes f decay at least like e^{−2μ c0 t} (docs/math.md, "Convergence
+    bounds"). It is 1 for L = 1 and 0 when Assumption A fails (the bound is then
     vacuous). Works under `jax.jit`, `jax.vmap` and `jax.grad`.
 
     **Arguments:**

@@ -1,5 +1,5 @@
-"""Saddle-to-saddle dynamics at depth 2 and small scale (docs/math.md, "Results:
-saddle-to-saddle"): as α → 0, on the clock t̃ = t/log(1/α), the loss is piecewise constant,
+"""Saddle-to-saddle dynamics at depth 2 and small scale (docs/math.md, "Saddle
+to saddle"): as α → 0, on the clock t̃ = t/log(1/α), the loss is piecewise constant,
 with jumps between saddles; the first jump is at t̃ = 1/‖∇f(0)‖∞ (Pesme & Flammarion 2023).
 
 `rescaled_time` and `predict_first_jump` are JAX computations (jit, vmap, grad);

@@ -1,6 +1,6 @@
 """Small initializations: the box of the dual variable, the escape from the saddle at 0, and
-the scalar problem's exact hitting time (docs/math.md, "Results: small initializations and
-escape times").
+the scalar problem's exact hitting time (docs/math.md, "Small initializations
+and escape times").
 
 `phi_inf`, `predict_escape_time`, `measure_escape_time` and `scalar_hitting_time` are JAX
 computations (jit and vmap; grad where the quantity is smooth); `phi_inf_constant` is a closed
@@ -103,8 +103,8 @@ def predict_escape_time(loss, u0) -> EscapePrediction:
 
         t_i = (Φ_i(∞) − s_i ∇Q(θ0)_i)/|∂_i f(θ0)|,   s_i = −sign ∂_i f(θ0),
 
-    which is Φ_i(∞)/|∂_i f(θ0)| when ∇Q(θ0) = 0 (zero-first init; docs/math.md, "Results:
-    small initializations and escape times"). For random inits ∇Q(θ0) is of the same order as
+    which is Φ_i(∞)/|∂_i f(θ0)| when ∇Q(θ0) = 0 (zero-first init; docs/math.md, "Small
+    initializations and escape times"). For random inits ∇Q(θ0) is of the same order as
     Φ(∞) and must be kept. The relative error is
     O(α^{L−2}). For L = 2 the box is unbounded and θ_i ≈ (δ_i/4)e^{2η_i} becomes of order one
     at η_i ≈ ½ log(1/δ_i): t_i = (½ log(1/δ_i) − s_i ∇Q(θ0)_i)/|∂_i f(θ0)|, i.e.

@@ -1,4 +1,4 @@
-"""Convergence bounds (docs/math.md, "Results: convergence bounds") held to exact simulations.
+"""Convergence bounds (docs/math.md, "Convergence bounds") held to exact simulations.
 
 The simulations share one configuration with the other theory tests (tests/helpers.py), so
 each depth compiles once for the session.

@@ -1,4 +1,4 @@
-"""Saddle-to-saddle dynamics at depth 2 (docs/math.md, "Results: saddle to saddle") held to
+"""Saddle-to-saddle dynamics at depth 2 (docs/math.md, "Saddle to saddle") held to
 exact simulations at α down to 1e-24."""
 
 import math

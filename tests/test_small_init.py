@@ -1,4 +1,4 @@
-"""Small initializations (docs/math.md, "Results: small initializations and escape times"):
+"""Small initializations (docs/math.md, "Small initializations and escape times"):
 Φ(∞), the escape from the saddle at 0, and the scalar problem's hitting time, held to closed
 forms, an independent ODE solver and exact simulations."""
 

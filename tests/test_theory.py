@@ -1,4 +1,4 @@
-"""The implicit-bias limit (docs/math.md, "Results: implicit bias") and its α → 0 (weighted
+"""The implicit-bias limit (docs/math.md, "Implicit bias") and its α → 0 (weighted
 ℓ1) and α → ∞ (kernel) limits, held to exact simulations run to convergence, to the KKT
 conditions and to closed forms. The simulations share one configuration with the other theory
 tests (tests/helpers.py)."""
