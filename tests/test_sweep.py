@@ -100,37 +100,6 @@ def _write_spec(path, text):
     return path
 
 
-def test_kill_and_resume(tmp_path):
-    """A sweep killed mid-way (SIGKILL) resumes from its chunks: none lost, none redone."""
-    spec_text = _spec.spec_text("smoke").replace("depths = [2, 3]", "depths = [3]").replace(
-        "chunk_size = 6", "chunk_size = 2"
-    ).replace("lanes = 2", "lanes = 1")
-    spec = _write_spec(tmp_path / "resume.toml", spec_text)
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ddln_jax.cli", "sweep", str(spec), "--out", str(out), "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    chunks = out / "chunks"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if chunks.exists() and len(list(chunks.glob("*.nc"))) >= 1:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = {p.name: p.stat().st_mtime_ns for p in chunks.glob("*.nc")}
-    assert 1 <= len(before) < 3 and not (out / "results.nc").exists()
-
-    ds = dj.sweep(spec, out, progress=False)
-    after = {p.name: p.stat().st_mtime_ns for p in chunks.glob("*.nc")}
-    assert len(after) == 3 and not list(chunks.glob("*.tmp"))
-    assert all(after[name] == mtime for name, mtime in before.items())  # not redone
-    fresh = dj.sweep(spec, progress=False)  # the same sweep, uninterrupted, in memory
-    xr.testing.assert_allclose(ds.drop_attrs(), fresh.drop_attrs(), rtol=1e-12, atol=0)
-
-
 def test_four_cpu_devices_give_the_same_results(tmp_path):
     script = textwrap.dedent(
         """
@@ -325,18 +294,6 @@ def test_engine_runs_every_formulation(lsq_problem, formulation):
     b = dj.simulate(lsq_problem, u0, formulation="reduced", t1=10.0, ts=kw["ts"], rtol=1e-10, atol=1e-12)
     assert list(a.status_name) == ["success"] * 4
     np.testing.assert_allclose(a.theta, b.theta, rtol=1e-8, atol=1e-11)
-
-
-def test_resume_with_another_chunk_size_loses_no_run(tmp_path):
-    spec = {**SMOKE, "run": {**SMOKE["run"], "depths": [2]}, "engine": {"lanes": 1, "chunk_size": 4}}
-    out = tmp_path / "out"
-    first = dj.sweep(spec, out, progress=False)
-    (out / "results.nc").unlink()
-    next((out / "chunks").glob("*c0001.nc")).unlink()  # as if killed before the last chunk
-    other = {**spec, "engine": {"lanes": 1, "chunk_size": 6}}
-    again = dj.sweep(other, out, progress=False)
-    assert np.all(again.status.values == EVENT)
-    np.testing.assert_allclose(again.time_to_eps.values, first.time_to_eps.values, rtol=1e-10)
 
 
 def test_changed_user_data_is_a_different_spec(smoke, tmp_path):
