@@ -66,3 +66,14 @@ from ._saddles import (
 from ._analysis import time_to_eps_table as time_to_eps_table
 
 __version__ = "0.1.0"
+from ._discrete import (
+    Training as Training,
+    effective_implicit_bias as effective_implicit_bias,
+    effective_init as effective_init,
+    gd_drift as gd_drift,
+    sharpness as sharpness,
+    stable_learning_rate as stable_learning_rate,
+    train as train,
+    train_runs as train_runs,
+)
+from ._sde import sgd_noise_factor as sgd_noise_factor, sgd_sde as sgd_sde
