@@ -36,8 +36,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ddln_jax as dj  # noqa: E402
 from baselines import w1  # noqa: E402
+
+import ddln_jax as dj  # noqa: E402
 from ddln_jax._discrete import layer_grad  # noqa: E402
 
 

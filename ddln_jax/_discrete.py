@@ -10,7 +10,6 @@ optimizer has a step size η, so that a run of k steps sits beside the flow at t
 from __future__ import annotations
 
 import functools
-import inspect
 import numbers
 from collections.abc import Callable
 
