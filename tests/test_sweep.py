@@ -1,11 +1,9 @@
 """Sweeps: equality with single runs, storage and resume, specs, devices, the command line."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +13,9 @@ import xarray as xr
 
 import ddln_jax as dj
 from ddln_jax import _spec, cli
+from ddln_jax._problems import make_problem
 from ddln_jax._results import StoreError
 from ddln_jax._solution import EVENT, MAX_STEPS, status_codes
-from ddln_jax._problems import make_problem
 
 SMOKE = _spec.tomllib.loads(_spec.spec_text("smoke"))
 
@@ -109,7 +107,8 @@ def test_four_cpu_devices_give_the_same_results(tmp_path):
         from ddln_jax import _spec
         assert len(jax.devices()) == 4, jax.devices()
         spec = tomllib.loads(_spec.spec_text("smoke"))
-        spec["run"]["depths"] = [3]
+        spec["run"]["depths"] = [2]
+        spec["problem"].update(n=6, d=8)
         one = dj.sweep(spec, progress=False, devices=jax.devices()[:1])
         four = dj.sweep(spec, progress=False, devices=jax.devices())
         assert four.attrs["devices"] == 4 and one.attrs["devices"] == 1
@@ -159,7 +158,13 @@ def test_cli_default_sweep_at_reduced_size(smoke, tmp_path, capsys):
         ({"run": {"stop_ratio": 2.0}}, r"\[run\] stop_ratio: must be in \(0, 1\), got 2.0"),
         ({"problem": {"kind": "ridge"}}, r"\[problem\] kind: must be one of"),
         ({"problem": {"d": 3, "sparsity": 5}}, r"\[problem\] sparsity: must be ≤ d = 3"),
-        ({"run": {"max_steps": 2**31}}, r"\[run\] max_steps: must be < 2\*\*31"),
+        ({"run": {"max_steps": 2**31}}, r"\[run\] max_steps: must be ≤ 2147483647"),
+        ({"run": {"rtol": 10.0}}, r"\[run\] rtol: must be ≤ 0.01, got 10"),
+        ({"run": {"atol": 1.0}}, r"\[run\] atol: must be ≤ 0.01, got 1"),
+        ({"init": {"alpha": {"geomspace": [0.1, 1.0, 30_000_000]}}}, r"\[init\] alpha: must be ≤ 1000000"),
+        ({"run": {"n_save": 30_000_000}}, r"\[run\] n_save: must be ≤ 1000000"),
+        ({"engine": {"lanes": 0}}, r"\[engine\] lanes: must be ≥ 1, got 0"),
+        ({"problem": {"kind": "custom"}}, r"\[problem\] n: not used with kind = 'custom'"),
         ({"run": {"formulation": "mirror"}, "init": {"scheme": "balanced", "seeds": [0]}},
          r"\[run\] formulation: 'mirror' needs Assumption A"),
     ],
@@ -213,43 +218,6 @@ def test_sweeps_need_float64(monkeypatch):
         dj.sweep(SMOKE, progress=False)
 
 
-def test_simulate_on_the_engine_matches_vmap(lsq_problem):
-    """`simulate(..., lanes=N)` (refill engine) equals the vmapped diffeqsolve run by run."""
-    keys = jax.random.split(jax.random.PRNGKey(5), 8)
-    u0 = np.stack([dj.gaussian_init(k, 3, 30, a) for k, a in zip(keys, np.geomspace(0.3, 1, 8))])
-    ts = np.linspace(0, 20, 11)
-    theta_star = np.asarray(lsq_problem.X).T @ np.linalg.solve(
-        np.asarray(lsq_problem.X) @ np.asarray(lsq_problem.X).T, np.asarray(lsq_problem.y))
-    kw = dict(t1=20.0, ts=ts, rtol=1e-10, atol=1e-12, stop_ratio=1e-3, save=("bregman",),
-              theta_star=theta_star)
-    a = dj.simulate(lsq_problem, u0, lanes=2, **kw)
-    b = dj.simulate(lsq_problem, u0, **kw)
-    np.testing.assert_array_equal(status_codes(a.status), status_codes(b.status))
-    np.testing.assert_allclose(a.t_final, b.t_final, rtol=1e-8)
-    np.testing.assert_allclose(a.theta, b.theta, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(a.bregman, b.bregman, rtol=1e-8, atol=1e-10)
-    assert 0.5 < a.stats["lane_efficiency"] <= 1
-    with pytest.raises(ValueError, match="with `lanes`, `save` may only hold 'bregman'"):
-        dj.simulate(lsq_problem, u0, t1=1.0, lanes=2, save=("u",))
-
-
-def test_engine_marks_nonfinite_runs_and_keeps_the_rest():
-    """A run whose field turns NaN ends `nonfinite`; the other runs of the batch finish."""
-    loss = dj.CallableLoss(lambda th: 0.5 * jnp.sum((th - 1) ** 2)
-                           + jnp.where(th[0] > 0.55, jnp.nan, 0.0) * th[0])
-    u0 = np.array([[[1.0, 0.5, 0.5], [0.5, 0.5, 0.5]],     # θ₀ = 0.5 soon crosses 0.55: NaN
-                   [[-0.2, 0.5, 0.5], [0.5, 0.5, 0.5]]])   # θ₀ = -0.1 stays below by t = 1
-    tr = dj.simulate(loss, u0, t1=1.0, ts=np.linspace(0, 1, 5), lanes=1, max_steps=3000)
-    assert list(tr.status_name) == ["nonfinite", "success"]
-    assert np.all(np.isfinite(tr.theta[1])) and 0.5 < float(tr.theta_final[0, 0]) <= 0.55
-    # A run that reaches t1 with a NaN loss (finite field) is non-finite too, on both paths.
-    nan_loss = lambda th: jnp.where(jnp.sum(th**2) > 4.0, jnp.nan, jnp.sum((th - 3.0) ** 2))
-    u0 = 0.5 * np.random.default_rng(1).normal(size=(2, 3, 4))
-    for lanes in (2, None):
-        tr = dj.simulate(nan_loss, u0, t1=50.0, ts=[0.0, 50.0], lanes=lanes)
-        assert list(tr.status_name) == ["nonfinite", "nonfinite"], lanes
-
-
 def test_sweeps_too_large_for_memory_keep_trajectories_on_disk(smoke, tmp_path, monkeypatch):
     """Past the memory budget, θ(t) stays in the chunk files and is read back by selection."""
     monkeypatch.setattr("ddln_jax._sweep._THETA_BYTES", 1000)
@@ -267,7 +235,7 @@ def test_user_data_sweep_equals_the_generated_problem(smoke, tmp_path):
     ds, _ = smoke
     np.savez(tmp_path / "data.npz", X=ds.X.sel(problem=0).values, y=ds.y.sel(problem=0).values)
     spec = _spec.spec_text("smoke").replace('kind = "sparse_regression"', 'kind = "data"\npath = "data.npz"')
-    spec = "\n".join(line for line in spec.splitlines() if not line.startswith(("n =", "d =")))
+    spec = "\n".join(line for line in spec.splitlines() if not line.startswith(("n =", "d =", "sparsity =")))
     path = _write_spec(tmp_path / "data.toml", spec)
     mine = dj.sweep(path, progress=False)
     np.testing.assert_allclose(mine.time_to_eps.values, ds.time_to_eps.values, rtol=1e-12)
@@ -285,17 +253,6 @@ def test_logistic_sweep(tmp_path):
     np.testing.assert_allclose(ds.loss_final, 0.1 * ds.f0, rtol=1e-8)
 
 
-@pytest.mark.parametrize("formulation", ["layer", "mirror"])
-def test_engine_runs_every_formulation(lsq_problem, formulation):
-    keys = jax.random.split(jax.random.PRNGKey(9), 4)
-    u0 = np.stack([dj.gaussian_init(k, 3, 30, a) for k, a in zip(keys, [0.4, 0.6, 0.8, 1.0])])
-    kw = dict(t1=10.0, ts=np.linspace(0, 10, 6), rtol=1e-10, atol=1e-12, formulation=formulation)
-    a = dj.simulate(lsq_problem, u0, lanes=2, **kw)
-    b = dj.simulate(lsq_problem, u0, formulation="reduced", t1=10.0, ts=kw["ts"], rtol=1e-10, atol=1e-12)
-    assert list(a.status_name) == ["success"] * 4
-    np.testing.assert_allclose(a.theta, b.theta, rtol=1e-8, atol=1e-11)
-
-
 def test_changed_user_data_is_a_different_spec(smoke, tmp_path):
     ds, _ = smoke
     np.savez(tmp_path / "data.npz", X=ds.X.sel(problem=0).values, y=ds.y.sel(problem=0).values)
@@ -303,25 +260,6 @@ def test_changed_user_data_is_a_different_spec(smoke, tmp_path):
     before = dj.SweepSpec.from_dict({**SMOKE, **text}).digest()
     np.savez(tmp_path / "data.npz", X=ds.X.sel(problem=0).values, y=10 * ds.y.sel(problem=0).values)
     assert dj.SweepSpec.from_dict({**SMOKE, **text}).digest() != before
-
-
-def test_threshold_met_at_the_start_stops_at_zero(lsq_problem):
-    u0 = np.asarray(dj.gaussian_init(jax.random.PRNGKey(2), 3, 30, 0.5))[None]
-    f0 = float(lsq_problem(jnp.prod(u0[0], axis=0)))
-    for lanes in (1, None):
-        tr = dj.simulate(lsq_problem, u0, t1=5.0, ts=np.linspace(0, 5, 3), stop_ratio=0.5,
-                         f_star=2 * f0, lanes=lanes)
-        assert tr.status_name[0] == "event" and float(tr.t_final[0]) == 0.0, lanes
-        np.testing.assert_allclose(tr.loss[0], [f0, np.nan, np.nan], rtol=1e-14)
-
-
-def test_mixed_dtypes(lsq_problem):
-    u0 = np.asarray(dj.gaussian_init(jax.random.PRNGKey(2), 2, 30, 0.5), np.float32)[None]
-    tr = dj.simulate(lsq_problem, u0, t1=1.0, ts=[0.0, 1.0])  # float64 data: run in float64
-    assert tr.theta.dtype == jnp.float64 and tr.status_name[0] == "success"
-    loss32 = dj.LeastSquares(np.asarray(lsq_problem.X, np.float32), np.asarray(lsq_problem.y, np.float32))
-    tr = dj.simulate(loss32, u0, t1=1.0, ts=[0.0, 1.0], lanes=1)
-    assert tr.theta.dtype == jnp.float32 and tr.status_name[0] == "success"
 
 
 def test_log_spaced_saves_end_at_t1():
@@ -339,3 +277,47 @@ def test_theory_table_on_a_real_sweep(smoke):
     np.testing.assert_allclose(table.time_to_eps.values, ds.time_to_eps.values, rtol=1e-12)
     looser = dj.time_to_eps_table(ds, eps=1e-2)
     assert np.all(looser.time_to_eps.values < table.time_to_eps.values)
+
+
+def test_shipped_specs_are_package_data():
+    from importlib.resources import files
+
+    assert dj.SweepSpec.smoke() == dj.SweepSpec.from_dict(SMOKE)
+    assert dj.SweepSpec.default().count() == 3 * 6 * 4
+    assert files("ddln_jax").joinpath("specs", "default.toml").is_file()
+
+
+def test_in_memory_loss_and_inits_equal_the_spec_sweep(smoke, tmp_path):
+    """`sweep(spec, loss=..., inits=...)` with the smoke problem and its depth-2 inits gives
+    the smoke sweep's runs; the dataset is labelled by `init`; the digest covers the arrays."""
+    ds, _ = smoke
+    X, y = ds.X.sel(problem=0).values, ds.y.sel(problem=0).values
+    grid = [(a, k) for a in ds.alpha.values for k in ds.seed.values]
+    u0 = np.stack([make_init(2, X.shape[1], a, k) for a, k in grid])
+    raw = {"problem": {"kind": "custom"}, "init": {"scheme": "custom"},
+           "run": {**SMOKE["run"], "depths": [2]}, "engine": SMOKE["engine"]}
+    mine = dj.sweep(raw, tmp_path / "custom", loss=dj.LeastSquares(X, y), inits=u0, progress=False)
+    assert mine.time_to_eps.dims == ("depth", "problem", "init")
+    ref = ds.sel(depth=[2], problem=[0], shape=1.0)
+    np.testing.assert_allclose(mine.time_to_eps.values.ravel(), ref.time_to_eps.values.ravel(), rtol=1e-12)
+    np.testing.assert_allclose(mine.theta.values[0, 0], ref.theta.values[0, 0].reshape(6, *mine.theta.shape[3:]),
+                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(mine.bregman.values.ravel(), ref.bregman.values.ravel(), rtol=1e-10, atol=1e-14)
+    # Other data under the same directory: refused (the loss's arrays are in the digest).
+    with pytest.raises(StoreError, match="different spec"):
+        dj.sweep(raw, tmp_path / "custom", loss=dj.LeastSquares(X, 2 * y), inits=u0, progress=False)
+    # A function loss (its bytecode, not its address, is hashed), inits for two depths.
+    f = lambda th: 0.5 * jnp.sum((th - 1.0) ** 2)
+    two = {2: u0[:2], 3: np.stack([make_init(3, X.shape[1], 0.5, k) for k in (0, 1)])}
+    raw2 = {**raw, "run": {**raw["run"], "depths": [2, 3], "stop_ratio": 0.1}}
+    fn = dj.sweep(raw2, loss=dj.CallableLoss(f, X.shape[1]), inits=two, progress=False)
+    assert fn.sizes["init"] == 2 and np.all(fn.status.values == EVENT)
+    assert "bregman" not in fn and np.all(np.isnan(fn.f_star.values))
+    with pytest.raises(dj.SpecError, match="kind = 'custom' needs the loss"):
+        dj.sweep(raw, inits=u0, progress=False)
+    with pytest.raises(dj.SpecError, match="needs kind = 'custom'"):
+        dj.sweep(SMOKE, loss=dj.LeastSquares(X, y), progress=False)
+    with pytest.raises(dj.SpecError, match="the inits are given for depths \\[2\\]"):
+        dj.sweep(raw2, loss=dj.LeastSquares(X, y), inits=u0, progress=False)
+    with pytest.raises(ValueError, match="must have shape"):
+        dj.sweep(raw, loss=dj.LeastSquares(X, y), inits={2: u0[:, :1]}, progress=False)
