@@ -49,10 +49,10 @@ def plot_trajectories(trajectories: dict, path=None, *, title: str | None = None
 def _reached(sub):
     """time-to-ε with runs that ended without reaching ε counted as +inf (so that a median
     over draws is not taken over the fast runs alone); failed runs stay NaN."""
-    from ._simulate import Status
+    from ._solution import SUCCESS
 
     t = sub["time_to_eps"]
-    return t.where(sub["status"] != Status.SUCCESS, np.inf)
+    return t.where(sub["status"] != SUCCESS, np.inf)
 
 
 def _after_stop(sub):
@@ -81,6 +81,8 @@ def plot_sweep(ds, out_dir) -> list:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     depths = [int(L) for L in ds.depth.values]
+    if "alpha" not in ds.dims:  # given inits (`scheme = "custom"`): the init index plays α
+        ds = ds.rename({"init": "alpha"})
     alphas = ds.alpha.values
     colors = cm.viridis(np.linspace(0.05, 0.95, len(alphas)))
     other = [d for d in ("problem", "shape", "seed") if d in ds["loss"].dims]

@@ -784,9 +784,11 @@ def summary(ds: xr.Dataset) -> str:
     head = f"{'depth':>5} {'alpha':>9} {'runs':>5} {'failed':>6} "
     head += f"{'reached eps':>11} {'median time-to-eps':>19}" if has_eps else f"{'median final loss':>18}"
     lines.append(head)
+    # Sweeps of given inits (`scheme = "custom"`) have no α axis: one row per depth.
+    alphas = ds.alpha.values if "alpha" in ds.dims else [math.nan]
     for L in ds.depth.values:
-        for a in ds.alpha.values:
-            sub = ds.sel(depth=L, alpha=a)
+        for a in alphas:
+            sub = ds.sel(depth=L, alpha=a) if "alpha" in ds.dims else ds.sel(depth=L)
             st = sub["status"].values.ravel()
             failed = int(np.sum((st != SUCCESS) & (st != EVENT)))
             if has_eps:
