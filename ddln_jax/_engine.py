@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._flows import AbstractFormulation
+from ._flows import AbstractFormulation, ReducedFlow
+from ._geometry import Geometry
+from ._solvers import FlowField, natural_scale
 from ._solution import (
     NONFINITE_STREAK,
     decide_status,
@@ -37,6 +39,26 @@ from ._solution import (
 
 _PENDING = -1  # a job not finished yet / a lane without a job
 _UNSTARTED = -2  # a lane before its first job (the first iteration hands them out)
+
+
+def state_scale(form: AbstractFormulation, geom, u0):
+    """The natural scale of a formulation's state (tolerances are relative to it, so accuracy
+    does not depend on the init's scale; see `natural_scale`). A signed network's scale is
+    that of its two halves, each a product network."""
+    if isinstance(geom, Geometry):
+        return natural_scale(form, geom, u0)
+    d = geom.d
+    halves = jnp.concatenate([u0[0], u0[1]], axis=-1)
+    s = natural_scale(ReducedFlow(), geom.halves, halves).reshape(2, d)
+    y0 = form.initial_state(geom, u0)
+    if jnp.shape(y0) == (2, d):  # reduced: one w per half
+        out = s
+    elif jnp.shape(y0) == u0.shape:  # layers
+        out = jnp.maximum(jnp.abs(u0), s[:, None, :])
+    else:  # θ or η on ℝ^d: the sum of the halves' images of their scales
+        half = natural_scale(form.name, geom.halves, halves)
+        out = jnp.abs(half[:d]) + jnp.abs(half[d:])
+    return jnp.where((out > 0) & jnp.isfinite(out), out, 1.0).astype(u0.dtype)
 
 
 class EngineConfig(eqx.Module):
@@ -81,6 +103,7 @@ class Lanes(eqx.Module):
     nonfinite: jax.Array  # all non-finite trial steps of the run
     drift: jax.Array
     geom: eqx.Module
+    field: FlowField  # the run's vector field in scaled variables: `y` holds z = state / scale
 
 
 class Outputs(eqx.Module):
@@ -107,23 +130,17 @@ def _controller(data):
     return dfx.PIDController(rtol=data.rtol, atol=data.atol)
 
 
-def _term(config):
-    return dfx.ODETerm(config.formulation.vector_field)
-
-
-def _observe(config, data, geom, y):
-    """θ, f(θ), D_Q(θ*, θ) and the drift of the conserved gaps at a state."""
+def _observe(config, data, geom, field, z):
+    """θ, f(θ), D_Q(θ*, θ) and the drift of the conserved gaps at a (scaled) state."""
     form = config.formulation
+    y = field.to_state(z)
     theta = form.theta(geom, y)
     loss = data.loss(theta)
     if config.bregman:
         breg = geom.bregman(data.theta_star, theta)
     else:
         breg = jnp.zeros((), theta.dtype)
-    u = form.layers(geom, y)
-    sq = u**2
-    gaps = sq - jnp.take_along_axis(sq, geom.m[None], axis=0)
-    drift = jnp.max(jnp.abs(gaps - geom.delta_full))
+    drift = jnp.max(jnp.abs(geom.gaps(form.layers(geom, y)) - geom.delta_full))
     return theta, loss, breg, drift
 
 
@@ -147,20 +164,21 @@ def _start(config, data, job):
     form = config.formulation
     u0 = data.u0[job]
     geom = form.geometry(u0)
-    y0 = form.initial_state(geom, u0)
+    field = FlowField(form, state_scale(form, geom, u0))
+    y0 = field.from_state(form.initial_state(geom, u0))
     args = (data.loss, geom)
-    term = _term(config)
+    term = dfx.ODETerm(field)
     t0 = jnp.zeros((), data.t1.dtype)
     ctrl = _controller(data)
     err_order = config.solver.error_order(term)
     t_next, ctrl_state = ctrl.init(term, t0, data.t1, y0, None, args, config.solver.func, err_order)
     solver_state = config.solver.init(term, t0, t_next, y0, args)
-    _, _, _, drift = _observe(config, data, geom, y0)
+    _, _, _, drift = _observe(config, data, geom, field, y0)
     zero = jnp.zeros((), jnp.int32)
     return Lanes(
         job=job, t=t0, dt=t_next - t0, y=y0, solver_state=solver_state, ctrl_state=ctrl_state,
         k=zero, steps=zero, budget=zero, rejected=zero, streak=zero, nonfinite=zero, drift=drift,
-        geom=geom,
+        geom=geom, field=field,
     )
 
 
@@ -184,7 +202,7 @@ def _lazy(pred, fn):
 
 def _attempt(config, data, lane: Lanes):
     """One step attempt of one lane; returns the lane after it and what happened."""
-    term = _term(config)
+    term = dfx.ODETerm(lane.field)
     args = (data.loss, lane.geom)
     n_save = config.n_save
     t_save = jnp.where(lane.k < n_save, data.ts[jnp.minimum(lane.k, n_save - 1)], data.t1)
@@ -210,7 +228,7 @@ def _attempt(config, data, lane: Lanes):
     )
     if config.stop:
         # One extra product with X per step: the price of locating the threshold exactly.
-        loss1 = data.loss(config.formulation.theta(lane.geom, y1))
+        loss1 = data.loss(config.formulation.theta(lane.geom, lane.field.to_state(y1)))
         crossed = keep & (loss1 <= data.targets[lane.job])
     else:
         crossed = jnp.zeros((), bool)
@@ -230,6 +248,7 @@ def _attempt(config, data, lane: Lanes):
         nonfinite=lane.nonfinite + (~finite).astype(jnp.int32),
         drift=lane.drift,
         geom=lane.geom,
+        field=lane.field,
     )
     event = {"t0": lane.t, "t1": t_end, "dense": dense}
     return new, saved, crossed, event
@@ -243,7 +262,7 @@ def _locate(config, data, lanes, crossed, event):
     def one(lane, ev):
         interp = interp_cls(t0=ev["t0"], t1=ev["t1"], **ev["dense"])
         target = data.targets[lane.job]
-        h = lambda t, y: data.loss(form.theta(lane.geom, y)) - target
+        h = lambda t, z: data.loss(form.theta(lane.geom, lane.field.to_state(z))) - target
         return locate_event(interp, h, ev["t0"], ev["t1"])
 
     return jax.vmap(one)(lanes, event)
@@ -252,7 +271,7 @@ def _locate(config, data, lanes, crossed, event):
 def _iteration(config, data, carry):
     lanes, out = carry.lanes, carry.out
     active = lanes.job >= 0
-    observe = jax.vmap(lambda g, y: _observe(config, data, g, y))
+    observe = jax.vmap(lambda g, f, y: _observe(config, data, g, f, y))
     new, saved, crossed, event = jax.vmap(lambda l: _attempt(config, data, l))(lanes)
     # Only what a step changes is selected (the geometry and the job stay as they are).
     moving = lambda l: (
@@ -263,7 +282,7 @@ def _iteration(config, data, carry):
     saved, crossed = saved & active, crossed & active
 
     # Saves are rare next to steps: observe θ, f and the gaps only when some lane saves.
-    theta, loss, breg, drift = _lazy(jnp.any(saved), lambda: observe(new.geom, new.y))
+    theta, loss, breg, drift = _lazy(jnp.any(saved), lambda: observe(new.geom, new.field, new.y))
     out = _record(out, new.job, new.k, saved, theta, loss, breg)
     new = eqx.tree_at(
         lambda l: (l.k, l.drift), new,
@@ -288,9 +307,9 @@ def _iteration(config, data, carry):
     job = jnp.where(valid, new_job, 0)
 
     def ending():
-        theta_f, loss_f, _, _ = observe(new.geom, y_final)
+        theta_f, loss_f, _, _ = observe(new.geom, new.field, y_final)
         fresh = jax.vmap(lambda j: _start(config, data, j))(job)
-        return theta_f, loss_f, fresh, observe(fresh.geom, fresh.y)
+        return theta_f, loss_f, fresh, observe(fresh.geom, fresh.field, fresh.y)
 
     theta_f, loss_f, fresh, obs0 = _lazy(jnp.any(done), ending)
     finite = jnp.isfinite(loss_f) & jnp.all(jnp.isfinite(theta_f), axis=-1)
@@ -319,7 +338,7 @@ def _iteration(config, data, carry):
 
 def _empty(config, data):
     """The carry before the first iteration: no compiled start-up, only shapes."""
-    J, L, d = data.u0.shape
+    J, d = data.u0.shape[0], data.u0.shape[-1]
     n = config.n_save
     dtype = data.u0.dtype
     nan = lambda *s: jnp.full(s, jnp.nan, dtype)

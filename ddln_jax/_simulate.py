@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._batch import run_queue
-from ._engine import EngineConfig
-from ._flows import AbstractFormulation, as_formulation
+from ._engine import EngineConfig, state_scale
+from ._flows import AbstractFormulation
 from ._geometry import geometry_problems
+from ._models import SignedModel, as_model
+from ._solvers import Auto, FlowField
 from ._init import check_init
 from ._losses import as_loss, check_loss_at, is_concrete
 from ._solution import (
@@ -48,6 +50,7 @@ class _Config(eqx.Module):
     progress: bool
     throw: bool
     adjoint: dfx.AbstractAdjoint
+    batch: bool
 
 
 def _status(result, final_ok, nonfinite_trials, stop):
@@ -69,51 +72,46 @@ def _status(result, final_ok, nonfinite_trials, stop):
 
 
 def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_star):
-    """One solve, traceable (vmapped for batches). Validation happens before, in `simulate`."""
+    """One solve, traceable (vmapped for batches). Validation happens before, in `simulate`.
+
+    The solver sees the state in scaled variables z = y / scale (`FlowField`), so that its
+    absolute tolerance is relative to each coordinate's natural scale."""
     form = config.formulation
     geom = form.geometry(u0)
+    field = FlowField(form, state_scale(form, geom, u0))
     grad_integral = "grad_integral" in config.save
-    y0 = form.initial_state(geom, u0)
+    z0 = field.from_state(form.initial_state(geom, u0))
     if grad_integral:
-        y0 = (y0, jnp.zeros(u0.shape[-1], u0.dtype))
+        z0 = (z0, jnp.zeros(geom.d, u0.dtype))
 
-    def core(y):
-        return y[0] if grad_integral else y
+    def state(z):
+        return field.to_state(z[0] if grad_integral else z)
 
-    def vector_field(t, y, args):
-        dy = form.vector_field(t, core(y), args)
-        if grad_integral:
-            return dy, args[0].grad(form.theta(args[1], y[0]))
-        return dy
+    if grad_integral:
 
-    if "bregman" in config.save:
-        w_star = geom.psi_inv(theta_star)
-        phi_star = geom.phi(w_star)
+        def vector_field(t, z, args):
+            return field(t, z[0], args), args[0].grad(form.theta(args[1], field.to_state(z[0])))
 
-    def save_fn(t, y, args):
+    else:
+        vector_field = field  # the stiff solvers read its Jacobian's structure
+
+    def save_fn(t, z, args):
         loss_, geom_ = args
-        yc = core(y)
-        theta = form.theta(geom_, yc)
+        y = state(z)
+        theta = form.theta(geom_, y)
         out = {"theta": theta, "loss": loss_(theta)}
-        needs_w = {"u", "grad_Q", "bregman", "conserved"} & set(config.save)
-        if needs_w:
-            w = form.reduced(geom_, yc)
         if "u" in config.save or "conserved" in config.save:
-            u = form.layers(geom_, yc)
+            u = form.layers(geom_, y)
             if "u" in config.save:
                 out["u"] = u
             if "conserved" in config.save:
-                sq = u**2
-                out["conserved"] = sq - jnp.take_along_axis(sq, geom_.m[None], axis=0)
-        if "grad_Q" in config.save or "bregman" in config.save:
-            phi = yc if form.name == "dual" else geom_.phi(w)
-            if "grad_Q" in config.save:
-                out["grad_Q"] = phi
-            if "bregman" in config.save:
-                # Geometry.bregman's formula, reusing w and Φ(w) computed above.
-                out["bregman"] = jnp.sum(theta_star * (phi_star - phi) - 0.5 * (w_star - w) * (w_star + w))
+                out["conserved"] = geom_.gaps(u)
+        if "grad_Q" in config.save:
+            out["grad_Q"] = y if form.name == "dual" else geom_.grad_Q(theta)
+        if "bregman" in config.save:
+            out["bregman"] = geom_.bregman(theta_star, theta)
         if grad_integral:
-            out["grad_integral"] = y[1]
+            out["grad_integral"] = z[1]
         return out
 
     # Only adaptive controllers can reject a non-finite trial step and retry.
@@ -121,9 +119,9 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
     event = None
     if config.stop:
 
-        def cond_fn(t, y, args, **kwargs):
+        def cond_fn(t, y, args, **kwargs):  # diffrax passes the (scaled) state as `y`
             loss_, geom_ = args
-            return loss_(form.theta(geom_, core(y))) - target
+            return loss_(form.theta(geom_, state(y))) - target
 
         event = dfx.Event(cond_fn, root_finder=event_root_finder())
 
@@ -133,7 +131,7 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
         t0=jnp.zeros((), t1.dtype),
         t1=t1,
         dt0=dt0,
-        y0=y0,
+        y0=z0,
         args=(loss, geom),
         saveat=dfx.SaveAt(ts=ts, t1=True, fn=save_fn, controller_state=guarded),
         stepsize_controller=NonfiniteGuard(controller) if guarded else controller,
@@ -156,7 +154,7 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
     if config.stop:
         # A threshold already met at t = 0 stops the run there (diffrax events need a sign
         # change, so the solve above ran on): as the engine does.
-        theta0 = form.theta(geom, core(y0))
+        theta0 = form.theta(geom, state(z0))
         at_start = loss(theta0) <= target
         t_final = jnp.where(at_start, 0.0, t_final).astype(t_final.dtype)
         final = {
@@ -189,7 +187,7 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
 @eqx.filter_jit
 def _solve_batched(config, loss, u0, ts, t1, controller, dt0, target, theta_star):
     fn = functools.partial(_solve, config, loss)
-    if u0.ndim == 2:
+    if not config.batch:
         traj = fn(u0, ts, t1, controller, dt0, target, theta_star)
         one = jnp.ones((), ts.dtype)
         return eqx.tree_at(lambda t: t.stats, traj, {"lane_efficiency": one})
@@ -202,18 +200,22 @@ def _solve_batched(config, loss, u0, ts, t1, controller, dt0, target, theta_star
     return eqx.tree_at(lambda t: t.stats, traj, {"lane_efficiency": eff})
 
 
-def _check_geometry(u0, why: str) -> None:
+def _check_geometry(u0, why: str, layer_ndim: int = 2) -> None:
     """Refuse, before compiling, inits whose mirror geometry cannot be computed (balanced
     coordinates are fine: they have the half-line geometry). The check is coordinatewise, so
-    a batch is checked in one call on its coordinates laid side by side."""
+    a batch (and the two halves of a signed network) is checked in one call on its
+    coordinates laid side by side."""
     U = np.asarray(u0)
     L, d = U.shape[-2:]
+    lead = U.shape[:-2]  # batch axes, and the half axis of a signed network
     flat = U.reshape(-1, L, d).transpose(1, 0, 2).reshape(L, -1)
     problems = geometry_problems(flat)
     if problems:
         reason, idx = next(iter(problems.items()))
-        where = [divmod(int(i), d) for i in idx[:5]]
-        at = (f"(init, coordinate) {where}" if U.ndim == 3 else f"coordinates {[c for _, c in where]}")
+        where = [tuple(int(k) for k in np.unravel_index(int(i), lead + (d,))) for i in idx[:5]]
+        names = (("init",) if U.ndim > layer_ndim else ()) + (("half",) if layer_ndim == 3 else ())
+        at = (f"({', '.join(names + ('coordinate',))}) {where}" if names
+              else f"coordinates {[w[0] for w in where]}")
         raise ValueError(
             f"`u0` has no computable mirror geometry ({reason.replace('_', ' ')} at {at}), "
             f"which {why} needs. Use formulation='layer' or 'reduced', or perturb the init."
@@ -232,6 +234,7 @@ def simulate(
     t1,
     ts=None,
     formulation="reduced",
+    model="product",
     solver: dfx.AbstractSolver | None = None,
     rtol: float | None = None,
     atol: float | None = None,
@@ -260,15 +263,24 @@ def simulate(
     - `loss`: a loss module ([`ddln_jax.LeastSquares`][], [`ddln_jax.Logistic`][], ...) or any
       jittable callable f(θ) → scalar.
     - `u0`: the layers at t = 0, shape `(L, d)`, or `(B, L, d)` for a batch of inits (solved
-      vmapped; every run keeps its own status).
+      vmapped; every run keeps its own status). For the signed model: `(2, L, d)` (index 0 the
+      + half) or `(B, 2, L, d)`.
     - `t1`: final time.
     - `ts`: save times in [0, t1], increasing (default: 101 evenly spaced).
     - `formulation`: `"layer"`, `"reduced"` (default, the fast exact path), `"mirror"` or
-      `"dual"`; the last two need Assumption A.
-    - `solver`: a diffrax solver (default `diffrax.Tsit5()`); implicit solvers work too.
+      `"dual"`; the last two need a computable mirror geometry (Assumption A, or balanced
+      coordinates with their half-line geometry).
+    - `model`: `"product"` (θ = ∏_j u^j, default), `"signed"` (θ = θ⁺ − θ⁻) or
+      `"signed_tied"` (θ = w₊^L − w₋^L), or a model instance ([`ddln_jax.SignedModel`][]).
+    - `solver`: a diffrax solver (default [`ddln_jax.Auto`][]: explicit Tsitouras 5(4) steps
+      while the flow is not stiff, the Rosenbrock method [`ddln_jax.Rodas4`][] with a
+      structured linear solve once it is, as small initializations make it); any diffrax
+      solver works, implicit ones included.
     - `rtol`, `atol`: tolerances of the default PID controller (default 1e-8/1e-10 in float64,
       1e-5/1e-7 in float32); a relative tolerance below what the dtype delivers, or ≥ 1, is
-      refused.
+      refused. The state is integrated in variables scaled by its natural scale
+      ([`ddln_jax.natural_scale`][]), so `atol` is relative to the init's scale in every
+      coordinate: the accuracy does not depend on α.
     - `dt0`: initial step (default: chosen by the controller; required for constant steps).
     - `stepsize_controller`: any diffrax controller replacing the PID default (e.g.
       `diffrax.ConstantStepSize()`); adaptive ones are wrapped in a guard that rejects
@@ -297,16 +309,20 @@ def simulate(
     **Returns:** a [`ddln_jax.Trajectory`][].
     """
     loss = as_loss(loss)
+    model = as_model(model)
     if not isinstance(u0, jax.Array) and hasattr(u0, "__array__"):
         u0 = np.asarray(u0)
-    u0 = check_init(u0, "u0", batch=True)
-    batch = u0.ndim == 3
+    signed = isinstance(model, SignedModel)
+    u0 = model.check_init(u0, "u0") if signed else check_init(u0, "u0", batch=True)
+    layer_ndim = 3 if signed else 2
+    layer_shape = u0.shape[-layer_ndim:]
+    batch = u0.ndim == layer_ndim + 1
     # Work in the wider of the layers' and the loss data's dtypes (mixing them would change
     # the state's dtype inside the solver loop).
     data_dtypes = [x.dtype for x in jax.tree_util.tree_leaves(loss) if eqx.is_inexact_array(x)]
     dtype = jnp.result_type(u0.dtype, *data_dtypes)
     u0 = u0.astype(dtype)
-    form = as_formulation(formulation)
+    form = model.formulation(formulation)
     L, d = u0.shape[-2:]
     B = u0.shape[0] if batch else 1
     check_loss_at(loss, jax.ShapeDtypeStruct((d,), dtype))
@@ -328,10 +344,10 @@ def simulate(
     unknown = [s for s in save if s not in SAVEABLE]
     if unknown:
         raise ValueError(f"`save` entries must be among {SAVEABLE}, got {unknown}")
-    check_size(B, ts.shape[0], L, d, save, dtype)
+    check_size(B, ts.shape[0], L * (2 if signed else 1), d, save, dtype)
 
     if solver is None:
-        solver = dfx.Tsit5()
+        solver = Auto()
     if not isinstance(solver, dfx.AbstractSolver):
         raise TypeError(f"`solver` must be a diffrax solver, got {_short(solver)}")
     default_rtol, default_atol = _default_tolerances(dtype)
@@ -367,7 +383,7 @@ def simulate(
             f"the {form.name!r} formulation" if form.needs_assumption_a
             else f"saving {sorted(geometric)}"
         )
-        _check_geometry(u0, why)
+        _check_geometry(u0, why, layer_ndim)
     if "bregman" in save:
         if theta_star is None:
             raise ValueError("`theta_star` is required to save 'bregman' (D_Q(θ*, θ(t)))")
@@ -377,7 +393,7 @@ def simulate(
     else:
         theta_star = None
 
-    target = jnp.zeros(u0.shape[:-2], dtype)
+    target = jnp.zeros(u0.shape[:-layer_ndim], dtype)
     if stop_ratio is not None:
         stop_ratio = positive_scalar("stop_ratio", stop_ratio)
         if stop_ratio >= 1:
@@ -386,8 +402,8 @@ def simulate(
             f_star = loss.minimum() if concrete else None
             f_star = 0.0 if f_star is None else f_star
         f_star = real_scalar("f_star", f_star, dtype)
-        f0 = jax.vmap(lambda u: loss(jnp.prod(u, axis=0)))(u0.reshape(-1, L, d))
-        target = f_star + stop_ratio * (f0.reshape(u0.shape[:-2]) - f_star)
+        f0 = jax.vmap(lambda u: loss(model.theta(u)))(u0.reshape(-1, *layer_shape))
+        target = f_star + stop_ratio * (f0.reshape(u0.shape[:-layer_ndim]) - f_star)
     elif f_star is not None:
         real_scalar("f_star", f_star, dtype)
     if lanes is not None:
@@ -405,28 +421,27 @@ def simulate(
         tangent = None
         if _tangent is not None:
             du0 = jnp.asarray(_tangent, dtype)
-            dtarget = jnp.zeros(u0.shape[:-2], dtype)
+            dtarget = jnp.zeros(u0.shape[:-layer_ndim], dtype)
             if stop_ratio is not None:  # the threshold moves with f(θ0)
-                f0 = lambda u: jax.vmap(lambda v: loss(jnp.prod(v, axis=0)))(u.reshape(-1, L, d))
-                df0 = jax.jvp(f0, (u0,), (du0,))[1].reshape(u0.shape[:-2])
+                f0 = lambda u: jax.vmap(lambda v: loss(model.theta(v)))(u.reshape(-1, *layer_shape))
+                df0 = jax.jvp(f0, (u0,), (du0,))[1].reshape(u0.shape[:-layer_ndim])
                 dtarget = stop_ratio * df0
             tangent = (du0, dtarget)
         return _simulate_on_engine(
             loss, u0, form, solver, lanes, devices, np.asarray(ts), t1, rtol, atol, max_steps,
-            target, stop_ratio is not None, theta_star, progress, tangent,
+            target, stop_ratio is not None, theta_star, progress, tangent, batch,
         )
     config = _Config(
         form, solver, max_steps, save, stop_ratio is not None, bool(progress), bool(throw),
-        adjoint,
+        adjoint, batch,
     )
     return _solve_batched(config, loss, u0, ts, t1, controller, dt0, target, theta_star)
 
 
 def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, atol, max_steps,
-                        target, stop, theta_star, progress, tangent=None):
+                        target, stop, theta_star, progress, tangent, batch):
     from tqdm.auto import tqdm
 
-    batch = u0.ndim == 3
     U = np.asarray(u0 if batch else u0[None])
     B = U.shape[0]
     devices = list(devices) if devices is not None else jax.devices()[:1]
