@@ -462,6 +462,8 @@ def sweep(spec, out=None, *, loss=None, inits=None, progress: bool = True, devic
             "(the `ddln` command does)"
         )
     shard = _as_shard(shard)
+    if shard is not None and out is None:
+        raise ValueError("`shard` splits a sweep over jobs that share an output directory: give `out`")
     distributed = jax.process_count() > 1
     if distributed and shard is not None:
         raise ValueError("`shard` and jax.distributed are two ways to split a sweep: use one")

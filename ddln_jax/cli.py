@@ -163,6 +163,8 @@ def sweep_cmd(args) -> int:
     if args.distributed:
         import jax
 
+        # CPU-only hosts need a collectives backend for the gathers (GPUs use NCCL).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()
     _x64()
     from ._plot import plot_sweep
