@@ -531,6 +531,8 @@ def simulate_jvp(loss, u0, du0, **kwargs) -> tuple[Trajectory, Trajectory]:
         raise ValueError(f"`du0` must have the shape of `u0` {np.shape(u0)}, got {np.shape(du0)}")
     if lanes is None:
         u0 = jnp.asarray(u0)
+        # Reverse-mode adjoints are custom VJPs, which forward mode cannot go through.
+        kwargs.setdefault("adjoint", dfx.ForwardMode())
         return jax.jvp(lambda u: simulate(loss, u, **kwargs), (u0,), (du0.astype(u0.dtype),))
     # The engine path: validate through `simulate` itself (it returns the engine's inputs).
     return simulate(loss, u0, lanes=lanes, _tangent=du0, **kwargs)

@@ -52,6 +52,22 @@ def test_reverse_mode_through_simulate(kind, L, formulation):
     assert abs(g - fd) <= 1e-6 * abs(fd), (g, fd)
 
 
+@pytest.mark.parametrize("formulation", ["reduced", "dual"])
+def test_reverse_mode_through_the_signed_model(formulation):
+    """The signed network θ = θ⁺ − θ⁻: d f(θ(T))/dα against central differences."""
+    loss = _problem("lsq")
+    v = dj.signed_gaussian_init(jax.random.PRNGKey(4), 2, D, 1.0)
+
+    @jax.jit
+    def final_loss(alpha):
+        return dj.simulate(loss, alpha * v, t1=T1, model="signed", formulation=formulation,
+                           **TOL).loss_final
+
+    g = jax.grad(final_loss)(0.8)
+    fd = _central(final_loss, 0.8, 1e-4)
+    assert abs(g - fd) <= 1e-6 * abs(fd), (g, fd)
+
+
 def test_memory_bounded_adjoint_gives_the_same_gradient():
     import diffrax as dfx
 
