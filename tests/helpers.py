@@ -67,7 +67,7 @@ def check_grad_fd(f, x, *, grad=None, rel=1e-6, step=1e-6, seed=0):
 N, D, B, NT = 6, 15, 4, 201
 ALPHAS = (0.7, 0.85, 1.0, 1.2)  # scales of the band inits
 T_LONG = 800.0
-N_PROBLEMS = 5  # × B inits = 20 (problem, init) pairs per depth
+N_PROBLEMS = 3  # × B inits = 12 (problem, init) pairs per depth
 # Log-spaced saves: the fastest runs reach the rounding floor of f − f* within t ≈ 5, the
 # slowest need t ≈ 600.
 TS_LONG = np.concatenate([[0.0], np.geomspace(0.02, T_LONG, NT - 1)])

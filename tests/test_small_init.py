@@ -124,7 +124,7 @@ def test_escape_prediction_and_measurement_gradients():
     tr = long_runs(3)[0][4]
     eager = measure_escape_time(tr, 0.5)
     np.testing.assert_allclose(jax.jit(measure_escape_time)(tr, 0.5), eager, rtol=1e-14)
-    np.testing.assert_allclose(jax.vmap(measure_escape_time, (0, None))(vmappable(tr), 0.5), eager, rtol=1e-14)
+    np.testing.assert_allclose(jax.jit(jax.vmap(measure_escape_time, (0, None)))(vmappable(tr), 0.5), eager, rtol=1e-14)
     one = tr[0]
     dev = np.max(np.abs(np.asarray(one.theta) - np.asarray(one.theta[0])), axis=-1)
     k = int(np.argmax(dev >= 0.5))

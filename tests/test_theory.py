@@ -28,7 +28,7 @@ def _kkt_pieces(u0, theta, theta_star):
 
 @pytest.mark.parametrize("L", [1, 2, 3, 4, 5])
 def test_implicit_bias_limit_is_the_limit_of_long_simulations(L):
-    """On 20 (problem, init) pairs: ‖θ(T) − θ∞‖/‖θ∞‖ ≤ 1e-8; the KKT conditions hold
+    """On 12 (problem, init) pairs: ‖θ(T) − θ∞‖/‖θ∞‖ ≤ 1e-8; the KKT conditions hold
     (‖Xθ∞ − y‖ ≤ 1e-12‖y‖, ∇Q(θ∞) − ∇Q(θ0) = Xᵀλ to 1e-10); D_Q(θ∞, θ0) ≤ D_Q(θ*, θ0) for the
     planted interpolator θ*; for L = 1 the closed form θ0 + X⁺(y − Xθ0) (also the kernel
     limit, exact there) to 1e-12."""
