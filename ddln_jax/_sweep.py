@@ -514,6 +514,13 @@ def _run(spec, inputs, store, out, devices, progress, shard):
     d, n_save = inputs.d, len(spec.run.save_times)
     chunk = max(1, min(spec.engine.chunk_size, _CHUNK_BYTES // (8 * n_save * d)))
     depths = {L: _Depth(L, inputs.inits(L), chunk) for L in spec.run.depths}
+    for L, dep in depths.items():
+        # θ0 = u¹⊙…⊙u^L of nonzero layers that is 0 in float64: the product underflowed.
+        under = (dep.theta0 == 0) & np.all(dep.inits != 0, axis=1)
+        if under.all():
+            raise SpecError(
+                f"{spec.source}: [run] depths: at depth {L} the product θ0 = u¹⊙…⊙u^L of every "
+                f"init underflows to 0 in float64 (|θ0| ≈ α^L): raise α or lower the depth")
     form = as_formulation(spec.run.formulation)
     holds = all(bool(np.all(dep.c0 > 0)) for dep in depths.values())
     if not holds and form.needs_assumption_a:

@@ -234,6 +234,9 @@ def test_failed_start_leaves_no_spec_file(reference, tmp_path):
     bad = {**TINY, "init": {**TINY["init"], "alpha": [1e200]}}  # θ0 overflows
     with pytest.raises(dj.SpecError, match="f\\(θ0\\) is not finite"):
         dj.sweep(bad, out, progress=False)
+    deep = {**TINY, "run": {**TINY["run"], "depths": [10000]}}  # θ0 underflows to 0
+    with pytest.raises(dj.SpecError, match="at depth 10000 the product θ0 .* underflows"):
+        dj.sweep(deep, out, progress=False)
     assert not (out / "spec.json").exists() and not (out / "problems.nc").exists()
     same(dj.sweep(reference[1] / "tiny.toml", out, progress=False), reference[0])
 
