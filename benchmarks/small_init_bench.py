@@ -356,12 +356,18 @@ def main(argv=None):
                     if "lsoda" in out:
                         case["toolkit_over_lsoda"] = tk["time_s"] / out["lsoda"]["time_s"]
                     rows.append(case)
+                    write(a, rows, None, budgets)
 
     batch_row = None
     if "batch" not in a.skip:
         batch_row = [run_batch(batch, a.batch_lsoda, kind) for kind in problems]
+    write(a, rows, batch_row, budgets, final=True)
 
+
+def write(a, rows, batch_row, budgets, final=False):
+    """Write the JSON (after every case, so that an interrupted run keeps what it measured)."""
     result = {
+        "complete": final,
         "machine": {
             "description": os.environ.get("BENCH_MACHINE", f"{os.cpu_count()}-core CPU (shared)"),
             "platform": platform.platform(), "processor": platform.processor(),
@@ -384,13 +390,15 @@ def main(argv=None):
         "batch": batch_row,
         "summary": summary(rows, batch_row),
     }
-    print(json.dumps(result["summary"], indent=1))
+    if final:
+        print(json.dumps(result["summary"], indent=1))
     out = Path(a.json) if a.json else (
         Path(__file__).parent / "results" / f"small_init_bench_{jax.default_backend()}"
         f"{'_small' if a.small else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float))
-    log(f"JSON written to {out}")
+    if final:
+        log(f"JSON written to {out}")
 
 
 def run_batch(B, n_lsoda, kind):
@@ -431,6 +439,8 @@ def run_batch(B, n_lsoda, kind):
 
 
 def summary(rows, batch_rows):
+    if not rows:
+        return {}
     s = {"toolkit_all_ok": all(r["toolkit_ok"] for r in rows),
          "toolkit_max_theta_rel_err": max(r["methods"]["toolkit"]["theta_rel_err"] for r in rows),
          "toolkit_time_over_lsoda": {}}

@@ -72,6 +72,12 @@ def natural_scale(formulation, geometry: Geometry, u0: Float[Array, "L d"]) -> A
 
     Zeros (a coordinate where two layers are 0, which never moves) are replaced by 1.
 
+    One limit no scale removes: the dual state η carries θ in its distance to where θ is
+    large. For L = 2, θ's relative error is ≈ 2|dη| with |η| ≈ log(1/α), so the relative
+    tolerance on η costs a factor log(1/α) (measured: 3e-8 at α = 1e-16, rtol 1e-8). For
+    L ≥ 3, θ lives in the gap Φ(∞) − |η| with Φ(∞) ∝ α^{−(L−2)}, which float64 resolves only
+    to eps·α^{−(L−2)}: at small α use the reduced (or layer, mirror) formulation.
+
     **Arguments:**
 
     - `formulation`: a formulation name or instance.
