@@ -29,7 +29,7 @@ import ddln_jax as dj
 
 FULL = False  # True: the full size (meant for an accelerator)
 n, d, L = (40, 200, 3) if FULL else (10, 20, 3)
-SEEDS, PATHS = (512, 512) if FULL else (64, 48)
+SEEDS, PATHS = (512, 512) if FULL else (128, 96)
 T0 = time.perf_counter()
 kx, ku = jax.random.split(jax.random.PRNGKey(6))
 X = jax.random.normal(kx, (n, d))
