@@ -57,7 +57,7 @@ def engine(work: bl.Workload, lanes: int, *, rtol: float = bl.RTOL, atol: float 
         "compile_s": max(first - elapsed, 0.0), "lanes": lanes,
         "steps": steps.tolist(), "steps_mean": float(steps.mean()), "steps_min": int(steps.min()),
         "steps_max": int(steps.max()), "rejected_total": int(np.asarray(tr.num_rejected_steps).sum()),
-        "lane_efficiency": float(tr.stats["lane_efficiency"]), "all_succeeded": bool(np.all(tr.succeeded)),
+        "lane_efficiency": float(np.ravel(tr.stats["lane_efficiency"])[0]), "all_succeeded": bool(np.all(tr.succeeded)),
     }
 
 

@@ -197,7 +197,8 @@ def _solve_batched(config, loss, u0, ts, t1, controller, dt0, target, theta_star
     # A vmapped solve steps every run until the slowest one ends.
     steps = traj.num_steps.astype(ts.dtype)
     eff = jnp.sum(steps) / jnp.maximum(steps.size * jnp.max(steps), 1)
-    return eqx.tree_at(lambda t: t.stats, traj, {"lane_efficiency": eff})
+    return eqx.tree_at(lambda t: t.stats, traj,
+                       {"lane_efficiency": jnp.broadcast_to(eff, steps.shape)})
 
 
 def _check_geometry(u0, why: str, layer_ndim: int = 2) -> None:
@@ -501,7 +502,7 @@ def _engine_trajectory(out, stats, form, ts, dtype, batch, bregman) -> Trajector
         num_steps=pick(steps), num_accepted_steps=pick(steps - rejected),
         num_rejected_steps=pick(rejected),
         bregman=pick(out.bregman) if bregman else None,
-        stats={"lane_efficiency": jnp.asarray(stats["lane_efficiency"], dtype)},
+        stats={"lane_efficiency": pick(np.full(B, stats["lane_efficiency"], dtype))},
         formulation=form.name,
     )
 

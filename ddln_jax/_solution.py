@@ -116,7 +116,8 @@ class Trajectory(eqx.Module):
     - `status`: a [`ddln_jax.Status`][] (compare with `Status.success`, ...).
     - `num_steps`, `num_accepted_steps`, `num_rejected_steps`: int32 solver statistics.
     - `stats`: batch statistics, `{"lane_efficiency": busy lane-steps / executed lane-steps}`
-      (for a plain vmap, Σ steps / (B · max steps)).
+      (for a plain vmap, Σ steps / (B · max steps)), repeated on every run of the batch (so a
+      batch is a pytree whose every leaf has the batch axes: it indexes and vmaps as one).
 
     Save times after `t_final` (a run that stopped early) hold NaN.
     """
@@ -144,12 +145,10 @@ class Trajectory(eqx.Module):
         return tuple(self.t_final.shape)
 
     def __getitem__(self, k):
-        """Run(s) `k` of a batch (any NumPy index on the batch axes); `stats` are kept."""
+        """Run(s) `k` of a batch (any NumPy index on the batch axes)."""
         if not self.batch_shape:
             raise IndexError("this Trajectory is a single run; there is no batch axis to index")
-        runs = eqx.tree_at(lambda t: t.stats, self, {})
-        runs = jax.tree_util.tree_map(lambda x: x[k], runs)
-        return eqx.tree_at(lambda t: t.stats, runs, self.stats)
+        return jax.tree_util.tree_map(lambda x: x[k], self)
 
     @property
     def status_name(self):

@@ -101,11 +101,14 @@ def test_engine_and_vmap_return_the_same_tree(data):
     np.testing.assert_allclose(a.t_final, b.t_final, rtol=1e-8)
     # traj[k] is run k, on both.
     one = dj.simulate(loss, U[3], t1=T1, ts=ts, stop_ratio=1e-3, rtol=1e-10, atol=1e-12)
-    assert tree_allclose(eqx.tree_at(lambda t: t.stats, a[3], {}),
-                         eqx.tree_at(lambda t: t.stats, one, {}), rtol=1e-12, atol=0, equal_nan=True)
+    drop = lambda t: eqx.tree_at(lambda t: t.stats, t, {})
+    assert tree_allclose(drop(a[3]), drop(one), rtol=1e-12, atol=0, equal_nan=True)
     # A vmapped batch steps every run until the slowest ends: its efficiency is Σ steps / (B max).
     steps = np.asarray(a.num_steps, float)
     np.testing.assert_allclose(a.stats["lane_efficiency"], steps.sum() / (5 * steps.max()))
+    # A batch is a pytree whose leaves all carry the batch axis: it vmaps as an input.
+    finals = jax.vmap(lambda t: t.theta_final)(b)
+    np.testing.assert_array_equal(finals, b.theta_final)
 
 
 def test_engine_saves_do_not_spend_the_step_budget(data):
