@@ -390,6 +390,10 @@ def _metric_w(w, delta):
 def _q_star_all(eta, delta, w0):
     """Q*(η) per coordinate: ½w² (untied), ½(w² − w0²) (half-line), 0 (frozen)."""
     w, ell = _phi_inv_all(eta, delta, w0)
+    return _q_star_from(w, ell, delta, w0)
+
+
+def _q_star_from(w, ell, delta, w0):
     tied, _, frozen = _kinds(delta, w0)
     half = tied & ~frozen
     tq = 0.5 * w0**2 * jnp.expm1(2 * ell)
@@ -719,7 +723,20 @@ def _signed_eval(eta, delta, w0, c):
     T = _psi(w, delta)
     g = _metric_w(w, delta)
     d = eta.shape[0]
-    return T[:d] - T[d:], g[:d] + g[d:], w.reshape(2, d), ell.reshape(2, d)
+    theta = T[:d] - T[d:]
+    if delta.shape[0] > 0:
+        # Two half-lines of the same sign (Woodworth's init): θ = s|θ⁻|·expm1(log|θ⁺| − log|θ⁻|)
+        # with log|θ±| = L(log|w0±| + ℓ±), exact where θ⁺ − θ⁻ would cancel (|θ| ≪ |θ±|).
+        L = delta.shape[0] + 1
+        tied, _, frozen = _kinds(delta, w0)
+        half = tied & ~frozen
+        a0 = jnp.abs(jnp.where(half, w0, 1.0))
+        same = half[:d] & half[d:] & (w0[:d] * w0[d:] > 0)
+        diff = L * (jnp.log(a0[:d] / a0[d:]) + ell[:d] - ell[d:])
+        close = same & (jnp.abs(diff) < 1)
+        exact = jnp.sign(w0[:d]) * jnp.abs(T[d:]) * jnp.expm1(jnp.where(close, diff, 0.0))
+        theta = jnp.where(close, exact, theta)
+    return theta, g[:d] + g[d:], w.reshape(2, d), ell.reshape(2, d)
 
 
 def _signed_bounds(delta, w0, c):
@@ -970,6 +987,14 @@ class SignedGeometry(eqx.Module):
         self._vec("eta", eta)
         h = self.halves
         return jnp.sum(_q_star_all(jnp.concatenate([eta, self.c - eta]), h.delta, h.w0))
+
+    def dual_terms(self, eta: Float[Array, " d"]):
+        """(θ = ∇R*(η), g⁺ + g⁻, R*(η)) in one pass (one Φ⁻¹ per half-coordinate)."""
+        self._vec("eta", eta)
+        h = self.halves
+        theta, g, w, ell = _signed_eval(eta, h.delta, h.w0, self.c)
+        q = _q_star_from(self._join(w), self._join(ell), h.delta, h.w0)
+        return theta, g, jnp.sum(q)
 
     def R(self, theta: Float[Array, " d"]) -> Scalar:
         """R(θ) = ⟨θ, ∇R(θ)⟩ − R*(∇R(θ)) (= min over splits of Q⁺(θ⁺) + Q⁻(θ⁻) − ⟨c, θ⁻⟩)."""

@@ -364,3 +364,304 @@ def check_signed_geometry(u0, name: str = "u0", why: str = "the mirror geometry"
             label = f"{name}[{i}]" if un.ndim == 4 else name
             raise ValueError(_problem_message(label, problems) + f" ({why} needs it)")
     return u0
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the signed flow ends on least squares, and how long it sits at the saddle.
+
+_LS_MAX = 60
+_ARMIJO = 1e-4
+
+
+def _signed_dual_newton(A, b, u0, rtol, max_iter: int):
+    """Newton on min_λ R*(η0 + Aᵀλ) − λ·b (A with orthonormal rows), line search inside the
+    domain of R*: gradient A∇R*(η) − b, Hessian A diag(g⁺ + g⁻) Aᵀ (MATH.md §5.3, §8)."""
+    from ._solution import FAILED, INACCURATE, MAX_STEPS, NONFINITE, SUCCESS
+
+    geom = SignedGeometry(u0, require_assumption_a=False)
+    eta0 = geom.eta0
+    eps = jnp.finfo(A.dtype).eps
+    bnorm = jnp.linalg.norm(b)
+    absA = jnp.abs(A)
+
+    def evaluate(lam):
+        eta = eta0 + A.T @ lam
+        theta, g, rstar = geom.dual_terms(eta)
+        obj = rstar - lam @ b
+        grad = A @ theta - b
+        ok = jnp.all(jnp.isfinite(theta)) & jnp.all(jnp.isfinite(g)) & jnp.isfinite(obj)
+        # What rounding leaves of the residual: θ = ∇R*(η) carries g·eps·|η| (and eps·θ±).
+        floor = 16 * eps * (jnp.linalg.norm(absA @ (jnp.abs(theta) + g * jnp.abs(eta))) + bnorm)
+        return obj, grad, g, ok, floor
+
+    def classify(grad, floor, accepted):
+        r = jnp.linalg.norm(grad)
+        return jnp.where(
+            r <= rtol * bnorm, SUCCESS,
+            jnp.where(r <= floor, INACCURATE,
+                      jnp.where(accepted, -1, jnp.where(r <= 4 * floor, INACCURATE, FAILED))),
+        )
+
+    def cond(carry):
+        it, _, _, _, _, _, status = carry
+        return (status < 0) & (it < max_iter)
+
+    def body(carry):
+        it, lam, obj, grad, g, floor, _ = carry
+        # √g-scaled least squares instead of forming A G Aᵀ (g spans many orders).
+        sg = jnp.sqrt(g)
+        Q, R = jnp.linalg.qr(sg[:, None] * A.T)
+        z = jax.scipy.linalg.solve_triangular(R.T, grad, lower=True)
+        p = -jax.scipy.linalg.solve_triangular(R, z, lower=False)
+        dec = z @ z
+        gnorm = jnp.linalg.norm(grad)
+
+        def ls_cond(state):
+            _, k, accepted = state
+            return (~accepted) & (k < _LS_MAX)
+
+        def ls_body(state):
+            step, k, _ = state
+            o, gr, _, ok, _ = evaluate(lam + step * p)
+            armijo = o <= obj - _ARMIJO * step * dec
+            resid = jnp.linalg.norm(gr) <= (1 - _ARMIJO * step) * gnorm
+            accepted = ok & (armijo | resid)
+            return jnp.where(accepted, step, 0.5 * step), k + 1, accepted
+
+        finite_p = jnp.all(jnp.isfinite(p))
+        step, _, accepted = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), A.dtype), 0, ~finite_p))
+        accepted = accepted & finite_p
+        lam_new = jnp.where(accepted, lam + step * p, lam)
+        o, gr, gg, _, fl = evaluate(lam_new)
+        status = jnp.where(~finite_p, NONFINITE, classify(gr, fl, accepted))
+        return it + 1, lam_new, o, gr, gg, fl, status.astype(jnp.int32)
+
+    lam = jnp.zeros(A.shape[0], A.dtype)
+    obj, grad, g, ok, floor = evaluate(lam)
+    status = jnp.where(~ok, NONFINITE, classify(grad, floor, True)).astype(jnp.int32)
+    it, lam, _, grad, _, _, status = jax.lax.while_loop(cond, body, (0, lam, obj, grad, g, floor, status))
+    status = jnp.where(status < 0, MAX_STEPS, status).astype(jnp.int32)
+    eta = eta0 + A.T @ lam
+    theta, _, rstar = geom.dual_terms(eta)
+    _, _, rstar0 = geom.dual_terms(eta0)
+    bregman = jnp.sum(theta * (eta - eta0)) - (rstar - rstar0)
+    lo, hi = geom.eta_bounds
+    gap = jnp.minimum(hi - eta, eta - lo)
+    return theta, eta, gap, lam, bregman, it, status
+
+
+_signed_dual_newton_jit = eqx.filter_jit(_signed_dual_newton)
+
+
+def _check_signed_data(X, y, u0, model="signed"):
+    from ._losses import _check_data
+
+    X, y = _check_data(X, y)
+    u0 = SignedModel().check_init(u0)
+    if u0.shape[-1] != X.shape[1]:
+        raise ValueError(f"`u0` has d = {u0.shape[-1]} coordinates but `X` has {X.shape[1]} columns")
+    return X, y, u0
+
+
+def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int = 200):
+    """The limit of the signed flow on interpolating least squares: argmin {D_R(θ, θ0) : Xθ = y}.
+
+    Newton's method on the d-dimensional dual min_λ R*(∇R(θ0) + Xᵀλ) − λ·y, R*(η) =
+    Q⁺*(η) + Q⁻*(c − η) (MATH.md §8), with a backtracking line search that keeps η where R* is
+    finite. Any init whose halves have a computable geometry (balanced halves — Woodworth's
+    init — included); tied and untied layers have the same limit. The same point is the limit
+    of the product problem on [X, −X] from the stacked halves.
+
+    **Arguments:**
+
+    - `X`: design matrix, shape `(n, d)`; `y`: targets in range(X), shape `(n,)`.
+    - `u0`: the layers, shape `(2, L, d)`, or `(B, 2, L, d)` for a batch.
+    - `rtol`: target relative residual ‖Xθ − y‖/‖y‖.
+    - `max_iter`: Newton step budget.
+
+    **Returns:** a [`ddln_jax.ImplicitBias`][] (θ∞, η∞ = ∇R(θ∞), its distance `gap` to the
+    edge of the domain of R*, the multiplier, D_R(θ∞, θ0), the residual, Newton steps, status).
+    """
+    from ._implicit_bias import ImplicitBias, _row_space
+    from ._solution import status_item
+    from ._validate import check_tolerance
+
+    X, y, u0 = _check_signed_data(X, y, u0)
+    check_signed_geometry(u0, "u0", "the implicit-bias limit")
+    rtol = positive_scalar("rtol", rtol)
+    max_iter = positive_int("max_iter", max_iter)
+    dtype = jnp.result_type(X.dtype, y.dtype, u0.dtype)
+    check_tolerance("rtol", rtol, dtype)
+    U, s, Vt, b = _row_space(X, y)
+    A, b = jnp.asarray(Vt, dtype), jnp.asarray(b, dtype)
+    run = lambda u: _signed_dual_newton_jit(A, b, u.astype(dtype), jnp.asarray(rtol, dtype), max_iter)
+    if u0.ndim == 3:
+        out = run(u0)
+    else:
+        outs = [run(u) for u in u0]
+        out = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+    theta, eta, gap, lam, bregman, it, status = out
+    multiplier = jnp.asarray((np.asarray(lam) / s) @ U.T, dtype)
+    Xf, yf = np.asarray(X, np.float64), np.asarray(y, np.float64)
+    res = np.linalg.norm(np.asarray(theta) @ Xf.T - yf, axis=-1)
+    ynorm = np.linalg.norm(yf)
+    residual = jnp.asarray(res / ynorm if ynorm > 0 else res, dtype)
+    return ImplicitBias(theta=theta, eta=eta, gap=gap, multiplier=multiplier, bregman=bregman,
+                        residual=residual, iterations=it, status=status_item(status))
+
+
+def signed_small_init_limit(X, y, u0) -> np.ndarray:
+    """The α → 0 limit of the signed implicit bias along the ray of inits α·`u0`: a weighted-ℓ1
+    minimal interpolator (an LP, solved with HiGHS and polished on its support).
+
+    On 2d half-coordinates k (the product problem on [X, −X]), for L ≥ 3, D_Q(Θ, Θ0) =
+    Σ_k w±_k |Θ_k| + O(α^{L−2} relative): w±_k = Φ_k(∞) ∓ ∇Q(Θ0)_k for a unique smallest layer,
+    the distance α^{−(L−2)}/(L − 2)-like to the face on the growing side of a half-line (the
+    other side is closed: balanced halves keep their sign), so the limit is
+    argmin {Σ_k w_k|Θ_k| : [X, −X]Θ = y} mapped to θ = Θ⁺ − Θ⁻. For Woodworth's init (all
+    weights equal, halves ≥ 0) this is the minimum-ℓ1 interpolator. For L = 2 every weight is
+    log(1/α) + O(1): plain ℓ1 (with the half-lines' sign constraints), approached only
+    logarithmically. For L = 1 the flow is θ̇ = −2∇f: the ℓ2 projection of θ0.
+
+    **Arguments:**
+
+    - `X`, `y`: interpolating least-squares data, shapes `(n, d)` and `(n,)`.
+    - `u0`: the direction of the ray, shape `(2, L, d)`.
+
+    **Returns:** θ as a float64 NumPy array of shape `(d,)`.
+    """
+    from scipy.optimize import linprog
+
+    from ._implicit_bias import _row_space
+
+    X, y, u0 = _check_signed_data(X, y, u0)
+    if u0.ndim != 3:
+        raise ValueError(f"`u0` must be one init of shape (2, L, d), got shape {tuple(u0.shape)}")
+    check_signed_geometry(u0, "u0", "the small-init limit")
+    Xn, yn = np.asarray(X, np.float64), np.asarray(y, np.float64)
+    _row_space(Xn, yn)
+    n, d = Xn.shape
+    L = u0.shape[1]
+    U0 = np.concatenate([np.asarray(u0[0]), np.asarray(u0[1])], axis=-1)
+    if L == 1:
+        theta0 = U0[0, :d] - U0[0, d:]
+        return theta0 + np.linalg.lstsq(Xn, yn - Xn @ theta0, rcond=None)[0]
+    geom = Geometry(U0)
+    tied, frozen = np.asarray(geom.tied), np.asarray(geom.frozen)
+    w0 = np.asarray(geom.w0)
+    if L == 2:
+        wp = np.ones(2 * d)
+        wm = np.ones(2 * d)
+    else:
+        lo, hi = (np.asarray(x, np.float64) for x in geom.eta_bounds)
+        eta0 = np.asarray(geom.phi(geom.w0), np.float64)
+        wp, wm = hi - eta0, eta0 - lo  # distances to the faces η = ±Φ(∞) (inf: closed side)
+    # Closed sides: half-lines keep the sign of w0; frozen coordinates stay at 0.
+    up_ok = ~frozen & ~(tied & (w0 < 0))
+    down_ok = ~frozen & ~(tied & (w0 > 0))
+    scale = np.max(np.concatenate([wp[up_ok], wm[down_ok], [1.0]]))
+    cost = np.concatenate([np.where(up_ok, wp, 0.0), np.where(down_ok, wm, 0.0)]) / scale
+    bounds = [(0, None if ok else 0) for ok in np.concatenate([up_ok, down_ok])]
+    Xd = np.hstack([Xn, -Xn])
+    res = linprog(cost, A_eq=np.hstack([Xd, -Xd]), b_eq=yn, bounds=bounds, method="highs",
+                  options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10})
+    if res.status != 0:
+        raise RuntimeError(f"HiGHS failed on the weighted-ℓ1 LP of the signed model: {res.message}")
+    Theta = res.x[: 2 * d] - res.x[2 * d :]
+    support = np.abs(Theta) > 1e-9 * max(np.max(np.abs(Theta)), 1e-300)
+    Xs = Xd[:, support]
+    if support.any() and np.linalg.matrix_rank(Xs) == support.sum():
+        ts, *_ = np.linalg.lstsq(Xs, yn, rcond=None)
+        if np.all(np.sign(ts) == np.sign(Theta[support])):
+            polished = np.zeros(2 * d)
+            polished[support] = ts
+            if np.linalg.norm(Xd @ polished - yn) <= np.linalg.norm(Xd @ Theta - yn):
+                Theta = polished
+    return Theta[:d] - Theta[d:]
+
+
+def signed_kernel_limit(X, y, u0) -> Float[Array, " d"]:
+    """The linearized ("kernel", large-α) limit of the signed flow:
+    argmin {Σ_i (θ_i − θ0_i)²/g_i : Xθ = y}, g = g⁺(θ0⁺) + g⁻(θ0⁻), i.e.
+    θ0 + G Xᵀ(X G Xᵀ)⁺(y − Xθ0). For inits with θ0 = 0 and uniform g (Woodworth's, the
+    shape–scale init) it is the minimum-ℓ2 interpolator, which the flow's limit approaches at
+    distance O(α^{−2L}) as α → ∞. Jittable (no checks on traced input).
+
+    **Arguments:** `X`, `y` (shapes `(n, d)`, `(n,)`), `u0` (shape `(2, L, d)`).
+
+    **Returns:** θ, shape `(d,)`.
+    """
+    if not any(is_tracer(a) for a in (X, y, u0)):
+        X, y, u0 = _check_signed_data(X, y, u0)
+        if u0.ndim != 3:
+            raise ValueError(f"`u0` must be one init of shape (2, L, d), got shape {tuple(u0.shape)}")
+    geom = SignedGeometry(u0, require_assumption_a=False)
+    h = geom.halves
+    G = geom.metric_w(geom._split(h.w0))
+    theta0 = geom.theta0()
+    K = (X * G) @ X.T
+    return theta0 + G * (X.T @ (jnp.linalg.pinv(K, hermitian=True) @ (y - X @ theta0)))
+
+
+def signed_escape_time(loss, u0):
+    """Predicted time a small signed init sits at the saddle before its first coordinate escapes.
+
+    Near the init the gradient is frozen at ∇f(θ0), so η = ∇R(θ) moves as η0 − t∇f(θ0), and θ_i
+    stays small until η_i reaches the end of the domain of R* it is driven to (for L ≥ 3 a
+    face: the half θ⁺ or θ⁻ that grows blows up there): t_i = (η_max,i − η0_i)/|∂_i f| when
+    ∂_i f < 0, (η0_i − η_min,i)/|∂_i f| when ∂_i f > 0. The relative error is O(α^{L−2}).
+    For L = 2 the domain is unbounded; a driven half becomes of order one when its ∇Q
+    reaches ∇Q(±1): t_i is that distance over |∂_i f| (≈ log(1/α)/|∂_i f| for Woodworth's
+    init, with an O(1/log(1/α)) relative error). +inf where ∂_i f(θ0) = 0 or where the
+    driven side is closed (a half-line shrinking to 0). Works under `jax.jit`/`jax.vmap`.
+
+    **Arguments:**
+
+    - `loss`: a ddln_jax loss (or a callable f(θ)).
+    - `u0`: a small init, shape `(2, L, d)` with L ≥ 2.
+
+    **Returns:** an [`ddln_jax.EscapePrediction`][] (times per coordinate, first, coordinate).
+    """
+    from ._losses import as_loss
+
+    loss = as_loss(loss)
+    if not is_tracer(u0):
+        u0 = SignedModel().check_init(u0)
+        if u0.ndim != 3:
+            raise ValueError(f"`u0` must be one init of shape (2, L, d), got shape {tuple(u0.shape)}")
+        if u0.shape[1] < 2:
+            raise ValueError("`u0` has L = 1: plain gradient flow, with no saddle at 0 to escape from")
+        check_signed_geometry(u0, "u0", "the escape prediction")
+    return _escape_jit(loss, u0)
+
+
+@eqx.filter_jit
+def _escape_jit(loss, u0):
+    from . import EscapePrediction
+
+    geom = SignedGeometry(u0, require_assumption_a=False)
+    d = geom.d
+    theta0 = geom.theta0()
+    grad = loss.grad(theta0)
+    speed = jnp.abs(grad)
+    eta0 = geom.eta0
+    if u0.shape[1] >= 3:
+        lo, hi = geom.eta_bounds
+        distance = jnp.where(grad < 0, hi - eta0, eta0 - lo)
+    else:
+        # L = 2: η where a driven half reaches magnitude 1. θ up (∂f < 0): θ⁺ rises to +1
+        # (η = ∇Q⁺(1)) or θ⁻ falls to −1 (η = c − ∇Q⁻(−1)), whichever comes first.
+        h = geom.halves
+        ones = jnp.ones(2 * d, u0.dtype)
+        up, down = h.phi(h.psi_inv(ones)), h.phi(h.psi_inv(-ones))
+        eta_up = jnp.minimum(up[:d], geom.c - down[d:])
+        eta_dn = jnp.maximum(down[:d], geom.c - up[d:])
+        distance = jnp.where(grad < 0, eta_up - eta0, eta0 - eta_dn)
+        distance = jnp.where(distance > 0, distance, jnp.nan)
+    times = jnp.where(speed > 0, distance / jnp.where(speed > 0, speed, 1.0), jnp.inf)
+    k = jnp.argmin(jnp.where(jnp.isnan(times), jnp.inf, times))
+    return EscapePrediction(times=times, first=times[k], coordinate=k)
+
+
+def _sign_of(x):
+    return jnp.where(x < 0, -1.0, 1.0).astype(x.dtype)

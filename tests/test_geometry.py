@@ -183,3 +183,138 @@ def test_partial_tie_gets_a_clear_error():
     # The layer maps stay valid without it.
     g = dj.Geometry(u0, require_assumption_a=False)
     np.testing.assert_allclose(g.layers(g.reduce(jnp.asarray(u0))), u0, rtol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Half-line geometry of balanced coordinates (MATH.md §4, §8), frozen coordinates, and inits
+# the geometry cannot represent (issue 9, item 9).
+
+
+def _half_line_closed_forms(L, th0, th):
+    """∇Q = ∫_{θ0}^θ ds/(L|s|^{2−2/L}), Q = ∫_{θ0}^θ ∇Q, on the half-line of sign(θ0)."""
+    s = np.sign(th0)
+    a0, a = np.abs(th0), np.abs(th)
+    if L == 2:
+        eta = 0.5 * np.log(a / a0)
+        Q = 0.5 * (a * np.log(a / a0) - a + a0)
+    else:
+        p = L - 2
+        eta = (a0 ** (-p / L) - a ** (-p / L)) / p
+        Q = (a0 ** (-p / L) * (a - a0) - (a ** (2 / L) - a0 ** (2 / L)) * L / 2) / p
+    return s * eta, Q
+
+
+@jax.jit
+def _half_line_maps(u0, th):
+    g = dj.Geometry(u0)
+    eta = g.grad_Q(th)
+    return {
+        "eta": eta, "back": g.grad_Q_star(eta), "metric": g.metric(th), "Q_all": g.Q(th),
+        # Q per coordinate, from one-coordinate geometries.
+        "Q": jax.vmap(lambda u, t: dj.Geometry(u[:, None]).Q(t[None]))(u0.T, th),
+        "Q_star": g.Q_star(eta), "grad_Q": jax.grad(g.Q)(th), "hess": jnp.diag(jax.hessian(g.Q)(th)),
+        "theta_Q_star": jax.grad(g.Q_star)(eta),
+    }
+
+
+@pytest.mark.parametrize("L", [2, 3, 4, 5])
+def test_half_line_geometry_closed_forms(L):
+    """Balanced coordinates (every |u^j(0)| equal) of either sign, next to an untied and a frozen
+    coordinate: ∇Q, Q, g = L|θ|^{2−2/L}, the face (α^{-(L-2)}/(L−2)) against closed forms,
+    Legendre identities and derivatives; the untied coordinate is unchanged by its neighbours."""
+    a = np.array([0.7, 1.3, 0.4, 2.0])
+    u0 = np.tile(a, (L, 1))
+    u0[0, 1] = -1.3  # θ0 < 0 on coordinate 1
+    extra = np.stack([np.linspace(0.3, 1.1, L), np.r_[0.0, 0.0, np.ones(L - 2)] if L > 2 else np.zeros(2)], 1)
+    u0 = np.concatenate([u0, extra], axis=1)  # coordinate 4 untied, 5 frozen (two zero layers)
+    g = dj.Geometry(u0)
+    assert np.asarray(g.tied).tolist() == [True] * 4 + [False, True]
+    assert np.asarray(g.frozen).tolist() == [False] * 5 + [True]
+    th0 = np.prod(u0, axis=0)
+    th = th0 * np.array([1.7, 0.3, 1.0 + 1e-6, 25.0, 1.0, 1.0])
+    th[4], th[5] = -0.8, 0.0
+    r = {k: np.asarray(v) for k, v in _half_line_maps(jnp.asarray(u0), jnp.asarray(th)).items()}
+    eta, Q = _half_line_closed_forms(L, th0[:4], th[:4])
+    np.testing.assert_allclose(r["eta"][:4], eta, rtol=1e-12)
+    np.testing.assert_allclose(r["Q"][:4], Q, rtol=1e-9 if L > 2 else 1e-11)  # Q ≈ (θ−θ0)²/2g cancels
+    np.testing.assert_allclose(r["metric"][:4], L * np.abs(th[:4]) ** (2 - 2 / L), rtol=1e-13)
+    np.testing.assert_allclose(r["back"], th, rtol=1e-13, atol=1e-300)
+    np.testing.assert_allclose(r["grad_Q"][:5], r["eta"][:5], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(r["theta_Q_star"][:5], th[:5], rtol=1e-12)
+    np.testing.assert_allclose(r["hess"][:5], 1 / r["metric"][:5], rtol=1e-11)
+    # Legendre: Q(θ) + Q*(∇Q(θ)) = ⟨θ, ∇Q(θ)⟩, and Q is separable.
+    np.testing.assert_allclose(r["Q_all"] + r["Q_star"], th @ r["eta"], rtol=1e-12)
+    np.testing.assert_allclose(r["Q_all"], r["Q"].sum(), rtol=1e-13)
+    # The untied coordinate: the same as in a geometry of its own.
+    alone = dj.Geometry(u0[:, 4:5])
+    np.testing.assert_allclose(r["eta"][4], alone.grad_Q(jnp.asarray(th[4:5]))[0], rtol=1e-14)
+    # Frozen: θ ≡ 0, g = 0, ∇Q* ≡ 0.
+    assert r["metric"][5] == 0 and r["back"][5] == 0
+    # The box: on the growing side of a half-line, |η| < α^{-(L-2)}/(L-2); the other side is open.
+    lo, hi = (np.asarray(x) for x in g.eta_bounds)
+    if L >= 3:
+        np.testing.assert_allclose(hi[[0, 2, 3]], a[[0, 2, 3]] ** (-(L - 2)) / (L - 2), rtol=1e-14)
+        np.testing.assert_allclose(lo[1], -(a[1] ** (-(L - 2))) / (L - 2), rtol=1e-14)
+        assert np.all(np.isinf(lo[[0, 2, 3]])) and np.isinf(hi[1])
+    # Off the half-line Q is +inf and the maps saturate at the ends, never NaN.
+    assert float(g.Q(jnp.asarray(np.where(np.arange(6) == 0, -0.5, th)))) == np.inf
+    w = np.asarray(g.phi(jnp.asarray(np.r_[0.0, 0.0, 1.0, 1.0, 1.0, 0.0])))
+    assert w[0] == -np.inf and w[1] == np.inf
+
+
+def test_half_line_is_accepted_by_the_dual_map():
+    """A balanced init is accepted (it was refused before): the dual state moves η0 = 0 − t∇f and
+    θ = ∇Q*(η) stays on the half-line."""
+    g = dj.Geometry(dj.balanced_init(3, 4, 0.5))
+    eta = jnp.array([-3.0, -1e3, 1.0, 3.99])  # the face is at 1/α = 2... (α^{-(L-2)}/(L-2) = 2)
+    th = np.asarray(g.grad_Q_star(eta))
+    assert np.all(th[:3] > 0) and np.isinf(th[3])
+    np.testing.assert_allclose(g.grad_Q(jnp.asarray(th[:3])), eta[:3], rtol=1e-12)
+
+
+def test_wrong_shapes_give_clear_errors():
+    g = dj.Geometry(dj.gaussian_init(jax.random.PRNGKey(0), 3, 4, 0.5))
+    for method in ("grad_Q", "grad_Q_star", "psi", "psi_inv", "phi", "phi_inv", "metric", "Q", "Q_star"):
+        with pytest.raises(ValueError, match=r"must have shape \(4,\)"):
+            getattr(g, method)(jnp.ones(5))
+        with pytest.raises(ValueError, match=r"must have shape \(4,\)"):
+            getattr(g, method)(jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"`b` must have shape|`theta` must have shape"):
+        g.bregman(jnp.ones(4), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"`u` must have shape \(3, 4\)"):
+        g.reduce(jnp.ones((2, 4)))
+
+
+@pytest.mark.parametrize("L", [2, 3, 4, 5])
+def test_underflowing_inits_are_refused_or_exact(L):
+    """Issue 9: gaps that underflow (u ≈ 1e-160, δ subnormal), gaps so small that η would
+    overflow, or θ0 = α^L underflowing on a half-line are refused with a message; every other
+    init over 1e-170…1e60 gives finite maps with exact round trips (never a silent inf/NaN)."""
+    u = np.array([[1e-160, 1.0], [2e-160, 1.0]] + [[3e-160, 1.0]] * (L - 2))
+    with pytest.raises(ValueError, match="subnormal"):
+        dj.Geometry(u)
+    with pytest.raises(ValueError, match="underflows"):
+        dj.Geometry(np.full((L, 2), 1e-160 if L == 2 else 1e-110))
+    if L >= 4:
+        with pytest.raises(ValueError, match="would\\s+exceed 1e250"):
+            dj.Geometry(np.array([[0.0], [1e-150], [2e-150]] + [[1.0]] * (L - 3)))
+    rng = np.random.default_rng(L)
+    refused = accepted = 0
+    for trial in range(40):
+        scale = 10.0 ** rng.uniform(-170, 60)
+        u0 = scale * rng.normal(size=(L, 6)) * 10 ** rng.uniform(-3, 3, size=(L, 6))
+        u0[:, :2] = scale * np.sign(rng.normal(size=(L, 2)))  # balanced coordinates
+        try:
+            g = dj.Geometry(u0)
+        except ValueError as e:
+            assert "no computable mirror geometry" in str(e)
+            refused += 1
+            continue
+        accepted += 1
+        th = jnp.asarray(np.prod(u0, 0) * np.array([1.0, 1.5, 0.5, 2.0, -1.0, 3.0]))
+        r = {k: np.asarray(v) for k, v in _maps(g, th).items()}
+        eta = np.asarray(g.grad_Q(th))
+        back = np.asarray(g.grad_Q_star(jnp.asarray(eta)))
+        assert all(np.all(np.isfinite(v)) for v in (*r.values(), eta, back)), (trial, scale)
+        np.testing.assert_allclose(back, th, rtol=1e-10, atol=1e-290)
+    assert refused > 0 and accepted > 0
