@@ -23,6 +23,7 @@ import shutil
 import types
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,7 @@ from ._batch import difficulty, lanes_for, run_queue
 from ._engine import EngineConfig
 from ._flows import as_formulation
 from ._init import gaussian_init
-from ._losses import as_loss
+from ._losses import CallableLoss, as_loss
 from ._problems import Problem, custom_problem, make_problem
 from ._results import ResultStore, StoreError, load_dataset
 from ._solution import EVENT, SUCCESS
@@ -86,6 +87,8 @@ def _fingerprint(tree) -> str:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
 
     def describe(x):
+        if isinstance(x, jax.tree_util.Partial):
+            x = x.func
         if callable(x) and hasattr(x, "__code__"):
             return f"{x.__module__}.{x.__qualname__}:{x.__code__.co_code.hex()}"
         return type(x).__qualname__ if callable(x) else repr(x)
@@ -135,6 +138,11 @@ class _Inputs:
         if custom_p:
             loss = as_loss(loss)
             extra["loss"] = _fingerprint(loss)
+            fn = getattr(loss, "fn", None)
+            if isinstance(loss, CallableLoss) and not any(eqx.is_array(x) for x in jax.tree_util.tree_leaves(fn)):
+                # A plain function is no array: carried in the tree structure (as a
+                # `Partial`), so that the engine's data holds arrays only.
+                loss = CallableLoss(jax.tree_util.Partial(fn), loss.dim)
         self.loss = loss
         self.d = self._dimension()
         self.digest = spec.digest()
