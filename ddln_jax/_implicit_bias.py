@@ -211,7 +211,7 @@ def _metric_solve(M, g, r):
     Q, R = jnp.linalg.qr((sg[:, None] * M.T)[order])
     z = jax.scipy.linalg.solve_triangular(R.T, r, lower=True)
     p = jax.scipy.linalg.solve_triangular(R, z, lower=False)
-    q = jnp.zeros_like(g).at[order].set(Q @ z) * sg
+    q = (Q @ z)[jnp.argsort(order)] * sg  # back to the coordinates' order (a gather)
     return p, q, z @ z
 
 
@@ -346,8 +346,9 @@ def _solve_one(X, y, u0, rtol, max_iter: int):
     ynorm = jnp.linalg.norm(y)
     res = jnp.linalg.norm(X @ theta - y)
     residual = jnp.where(ynorm > 0, res / jnp.where(ynorm > 0, ynorm, 1.0), res)
-    bregman = geom.bregman(theta, theta0)
-    return theta, eta, gap, mu, bregman, residual, it, status
+    # D_Q(θ, θ0) = Σ θ(Φ(w) − Φ(w0)) − (w² − w0²)/2, from the w we have (as Geometry.bregman).
+    bregman = jnp.sum(theta * (geom.phi(w) - eta0) - 0.5 * (w - w0) * (w + w0))
+    return theta, eta, gap, mu, bregman, residual, it, status, w
 
 
 # Derivatives by the implicit function theorem on the KKT conditions θ = ∇Q*(η),
@@ -362,9 +363,8 @@ def _limit_jvp(max_iter, primals, tangents):
     X, y, u0, rtol = primals
     dX, dy, du0, _ = tangents
     out = _limit(X, y, u0, rtol, max_iter)
-    theta, eta, gap, mu, bregman, residual, it, status = out
+    theta, eta, gap, mu, bregman, residual, it, status, w = out
     geom = Geometry(u0, require_assumption_a=False)
-    w = geom.psi_inv(theta)
     g = geom.metric_w(w)
 
     def shape_terms(u):
@@ -381,15 +381,18 @@ def _limit_jvp(max_iter, primals, tangents):
     dtheta = g * c + gxdmu + t_psi
     deta = d_eta0 + dX.T @ mu + X.T @ dmu
     dgap = jnp.where(jnp.isfinite(gap), d_box - jnp.where(eta < 0, -1.0, 1.0) * deta, 0.0)
+    dw = (dtheta - t_psi) / geom.metric_w(w) * jnp.prod(jnp.sqrt(w**2 + geom.delta), axis=0)
 
-    def breg(th, u):
-        return Geometry(u, require_assumption_a=False).bregman(th, jnp.prod(u, axis=0))
+    def breg(w_, u):
+        ge = Geometry(u, require_assumption_a=False)
+        w0 = ge.reduce(u)
+        return jnp.sum(ge.psi(w_) * (ge.phi(w_) - ge.phi(w0)) - 0.5 * (w_ - w0) * (w_ + w0))
 
-    _, dbreg = jax.jvp(breg, (theta, u0), (dtheta, du0))
+    _, dbreg = jax.jvp(breg, (w, u0), (dw, du0))
     float0 = jax.dtypes.float0
     tangents_out = (
         dtheta, deta, dgap, dmu, dbreg, jnp.zeros_like(residual),
-        np.zeros(np.shape(it), float0), np.zeros(np.shape(status), float0),
+        np.zeros(np.shape(it), float0), np.zeros(np.shape(status), float0), dw,
     )
     return out, tangents_out
 
@@ -500,7 +503,7 @@ def implicit_bias_limit(
             rows = _independent_rows(X, s.size)
             Xc, yc = X[rows], y[rows]
     X_, y_, u_ = (jnp.asarray(a, dtype) for a in (Xc, yc, u0))
-    theta, eta, gap, mu, bregman, _, it, status = _solve(
+    theta, eta, gap, mu, bregman, _, it, status, _ = _solve(
         X_, y_, u_, jnp.asarray(rtol, dtype), max_iter
     )
     if rows is not None:

@@ -232,3 +232,127 @@ def test_matches_extended_precision(solved, L):
     ref = _reference(X, y, u0, lim)
     err = np.linalg.norm(np.asarray(lim.theta) - ref, axis=1) / np.linalg.norm(ref, axis=1)
     assert err.max() <= 1e-12, err
+
+
+def test_issue_8_problem_converges():
+    """n = 10, d = 30, θ* = (1, −2, 0.5, 0, …), zero-first init, L = 4, α = 1e-3 (before: stopped
+    1.8e-9 away at the rounding floor): success, residual at rounding, the KKT condition
+    η = Xᵀμ (η0 = 0 here) to 1e-12 of Φ(∞) = α^{−2}, 0 < gap ≤ Φ(∞), and θ within O(α^L) of
+    the minimum-ℓ1 interpolator."""
+    np.random.seed(0)
+    X = np.random.randn(10, 30)
+    theta_star = np.zeros(30)
+    theta_star[:3] = [1.0, -2.0, 0.5]
+    y = X @ theta_star
+    lim = implicit_bias_limit(X, y, dj.zero_first_init(4, 30, 1e-3))
+    assert lim.status == Status.success and lim.converged
+    assert float(lim.residual) <= 1e-14
+    box = 1e6  # c_4 α^{−2}, c_4 = 1
+    assert np.max(np.abs(np.asarray(lim.eta - lim.multiplier @ X))) <= 1e-12 * box
+    gap = np.asarray(lim.gap)
+    assert np.all(gap > 0) and np.all(gap <= box)
+    np.testing.assert_allclose(gap + np.abs(np.asarray(lim.eta)), box, rtol=1e-12)
+    l1 = dj.weighted_l1_interpolator(X, y)
+    assert np.abs(np.asarray(lim.theta) - l1).sum() <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def small():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(N, D))
+    return X, X @ rng.normal(size=D), rng
+
+
+def _objective(c):
+    return lambda X, y, u0: c @ implicit_bias_limit(X, y, u0, rtol=1e-14).theta
+
+
+@pytest.mark.parametrize("L", [2, 3, 4])
+def test_derivatives_by_implicit_differentiation(small, L):
+    """Forward mode (jax.jvp) of c·θ∞ along a random direction in (X, y, u0) jointly, and along
+    each argument alone, against central finite differences (≤ 1e-6 relative); for L = 2 also
+    reverse mode (jax.grad), equal to forward mode to 1e-12."""
+    X, y, rng = small
+    u0 = rng.normal(size=(L, D)) * np.linspace(0.6, 1.2, L)[:, None]
+    f = _objective(rng.normal(size=D))
+    args = [X, y, u0]
+    dirs = [rng.normal(size=a.shape) for a in args]
+    h = 1e-6  # the smallest gaps δ are ~1e-2 here: the third derivative is large
+    fd = (f(*[a + h * v for a, v in zip(args, dirs)]) - f(*[a - h * v for a, v in zip(args, dirs)])) / (2 * h)
+    fwd = jax.jvp(f, tuple(map(jnp.asarray, args)), tuple(map(jnp.asarray, dirs)))[1]
+    assert abs(float(fwd) - float(fd)) <= 1e-6 * abs(float(fd)), (fwd, fd)
+    if L == 2:
+        grads = jax.grad(f, argnums=(0, 1, 2))(*map(jnp.asarray, args))
+        rev = sum(float(jnp.sum(g * v)) for g, v in zip(grads, dirs))
+        assert abs(rev - float(fwd)) <= 1e-12 * abs(rev)
+        for k in range(3):  # each argument alone, from the gradient
+            plus, minus = list(args), list(args)
+            plus[k], minus[k] = args[k] + h * dirs[k], args[k] - h * dirs[k]
+            fd_k = (f(*plus) - f(*minus)) / (2 * h)
+            rev_k = float(jnp.sum(grads[k] * dirs[k]))
+            assert abs(rev_k - fd_k) <= 1e-6 * abs(fd_k), (k, rev_k, fd_k)
+
+
+def test_alpha_derivative_matches_long_simulations(small):
+    """d θ∞/dα along u0 = α·v (forward mode through the limit) equals the central difference
+    in α of the end points of two long simulations (rtol 1e-12), to 1e-6 relative."""
+    X, y, rng = small
+    L, alpha, h = 2, 0.8, 1e-4
+    v = np.stack([rng.choice([-1.0, 1.0], D) * rng.uniform(0.9, 1.1, D),
+                  rng.choice([-1.0, 1.0], D) * rng.uniform(0.2, 0.4, D)])
+    deriv = jax.jvp(lambda a: implicit_bias_limit(X, y, a * v, rtol=1e-14).theta,
+                    (alpha,), (1.0,))[1]
+    tr = dj.simulate(dj.LeastSquares(X, y), np.stack([(alpha + h) * v, (alpha - h) * v]),
+                     t1=3000.0, ts=np.array([0.0, 3000.0]), rtol=1e-12, atol=1e-14,
+                     max_steps=100_000)
+    assert list(tr.status_name) == ["success"] * 2
+    fd = (np.asarray(tr.theta_final[0]) - np.asarray(tr.theta_final[1])) / (2 * h)
+    assert np.linalg.norm(np.asarray(deriv) - fd) <= 1e-6 * np.linalg.norm(fd)
+
+
+def _close(a, b, rtol):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.linalg.norm(a - b) <= rtol * np.linalg.norm(b), (a, b)
+
+
+def test_jit_and_vmap_over_inits_and_data(solved):
+    """Under jax.jit, jax.vmap over (data, init) pairs: each lane equals its eager solve."""
+    X, y, u0, lim = solved[3]
+    X2 = X + 0.1 * np.random.default_rng(5).normal(size=X.shape)
+    y2 = X2 @ np.asarray(lim.theta[5])
+    solve = jax.jit(jax.vmap(lambda X_, y_, u_: implicit_bias_limit(X_, y_, u_)))
+    out = solve(jnp.stack([X, X2]), jnp.stack([y, y2]), jnp.asarray(u0[[5, 2]]))
+    assert list(out.status_name) == ["success"] * 2
+    _close(out.theta[0], lim.theta[5], 1e-14)
+    _close(out.theta[1], implicit_bias_limit(X2, y2, u0[2]).theta, 1e-13)
+
+
+def test_bad_input_and_statuses(solved):
+    X, y, u0, _ = solved[3]
+    with pytest.raises(ValueError, match=r"no θ satisfies Xθ = y"):
+        implicit_bias_limit(np.vstack([X, X[:1]]), np.concatenate([y, [y[0] + 1]]), u0[0])
+    with pytest.raises(ValueError, match=r"`u0\[1\]` violates Assumption A"):
+        implicit_bias_limit(X, y, np.stack([u0[0], np.ones((3, D))]))
+    with pytest.raises(ValueError, match=r"`u0` has d = 4 coordinates but `X` has 9"):
+        implicit_bias_limit(X, y, u0[0][:, :4])
+    with pytest.raises(ValueError, match=r"`max_iter` must be an integer ≥ 1"):
+        implicit_bias_limit(X, y, u0[0], max_iter=0)
+    with pytest.raises(TypeError, match=r"`max_iter` must be an integer"):
+        implicit_bias_limit(X, y, u0[0], max_iter=2.5)
+    with pytest.raises(ValueError, match=r"`rtol` must be finite and > 0"):
+        implicit_bias_limit(X, y, u0[0], rtol=-1.0)
+    with pytest.raises(ValueError, match=r"`rtol`=1e-12 is below what float32"):
+        implicit_bias_limit(X.astype(np.float32), y.astype(np.float32), u0[0].astype(np.float32))
+    with pytest.raises(ValueError, match=r"must have shapes \(n, d\)"):
+        jax.jit(lambda X_: implicit_bias_limit(X_, y, u0[0]))(X[0])
+    # Statuses: out of steps; under jit a rank-deficient X cannot be reduced: failed.
+    short = implicit_bias_limit(X, y, u0[3], max_iter=2)
+    assert short.status == Status.max_steps and not short.converged
+    Xr = X.copy()
+    Xr[3] = Xr[2]
+    yr = Xr @ np.ones(D)
+    traced = jax.jit(lambda X_, y_: implicit_bias_limit(X_, y_, u0[0]))(Xr, yr)
+    assert traced.status_name == "failed"
+    eager = implicit_bias_limit(Xr, yr, u0[0])  # host-side: the repeated row is dropped
+    assert eager.status_name == "success" and float(eager.residual) <= 1e-14
+    np.testing.assert_allclose(eager.multiplier @ Xr, eager.eta - dj.Geometry(u0[0]).grad_Q(jnp.prod(jnp.asarray(u0[0]), axis=0)), rtol=1e-10, atol=1e-12)
