@@ -35,7 +35,6 @@ regime); both are here, next to the exact limit they approximate.
 
 from __future__ import annotations
 
-import functools
 
 import equinox as eqx
 import jax
@@ -58,10 +57,6 @@ from ._solution import (
     status_names,
 )
 from ._validate import as_float_array, check_tolerance, is_tracer, positive_int, positive_scalar
-
-# Transitional alias: `ddln_jax/__init__.py` and `_theory.py` still import the old name.
-LimitStatus = Status
-
 
 class ImplicitBias(eqx.Module):
     """The result of [`ddln_jax.implicit_bias_limit`][] (leading batch axes come first).
@@ -225,7 +220,7 @@ def _orthonormal_constraints(X, y):
     return Q.T, b, R, full_rank
 
 
-def _solve_one(X, y, u0, rtol, max_iter: int):
+def _solve_one(X, y, u0, rtol, max_iter):
     """(θ, η, γ, μ, D_Q, ‖Xθ − y‖/‖y‖, iterations, status code) for one init (L, d)."""
     dtype = X.dtype
     eps = jnp.finfo(dtype).eps
@@ -353,15 +348,16 @@ def _solve_one(X, y, u0, rtol, max_iter: int):
 
 # Derivatives by the implicit function theorem on the KKT conditions θ = ∇Q*(η),
 # η = ∇Q(θ0) + Xᵀμ, Xθ = y; never through Newton's iterations.
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+# `rtol` and `max_iter` are traced (no recompilation when they change) and not differentiated.
+@jax.custom_jvp
 def _limit(X, y, u0, rtol, max_iter):
     return _solve_one(X, y, u0, rtol, max_iter)
 
 
 @_limit.defjvp
-def _limit_jvp(max_iter, primals, tangents):
-    X, y, u0, rtol = primals
-    dX, dy, du0, _ = tangents
+def _limit_jvp(primals, tangents):
+    X, y, u0, rtol, max_iter = primals
+    dX, dy, du0, _, _ = tangents
     out = _limit(X, y, u0, rtol, max_iter)
     theta, eta, gap, mu, bregman, residual, it, status, w = out
     geom = Geometry(u0, require_assumption_a=False)
@@ -397,7 +393,7 @@ def _limit_jvp(max_iter, primals, tangents):
     return out, tangents_out
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter",))
+@jax.jit
 def _solve(X, y, u0, rtol, max_iter):
     if u0.ndim == 2:
         return _limit(X, y, u0, rtol, max_iter)
@@ -504,7 +500,7 @@ def implicit_bias_limit(
             Xc, yc = X[rows], y[rows]
     X_, y_, u_ = (jnp.asarray(a, dtype) for a in (Xc, yc, u0))
     theta, eta, gap, mu, bregman, _, it, status, _ = _solve(
-        X_, y_, u_, jnp.asarray(rtol, dtype), max_iter
+        X_, y_, u_, jnp.asarray(rtol, dtype), jnp.asarray(max_iter, jnp.int32)
     )
     if rows is not None:
         # The minimum-norm μ with Xᵀμ = X_Rᵀμ_R: μ = (Xᵀ)⁺ X_Rᵀ μ_R = U S⁻¹ Vᵀ X_Rᵀ μ_R.
