@@ -2,7 +2,7 @@
 
 On interpolating least squares (y ∈ range X) the flow keeps ∇Q(θ(t)) − ∇Q(θ0) in range(Xᵀ)
 (d/dt ∇Q(θ) = −∇f = −Xᵀr/n), so its limit is the Bregman projection (`docs/math.md`,
-"Mirror flow" and "Implicit bias")
+"Mirror flow and potential" and "Implicit bias")
 
     θ∞ = argmin {D_Q(θ, θ0) : Xθ = y},
 
@@ -579,7 +579,8 @@ def small_init_limit(X, y, u0) -> np.ndarray:
     """The α → 0 limit of the implicit bias along the ray of inits α·`u0`.
 
     For L ≥ 3, D_Q(θ, θ0) = Σ_i Φ_i(∞)|θ_i| − ∇Q(θ0)_i θ_i + O(1) with the first part of size
-    α^{−(L−2)} (`docs/math.md`, "Small initialization"), so the limit is the weighted-ℓ1 minimal interpolator with weights
+    α^{−(L−2)} (`docs/math.md`, "Small initializations and escape times"), so the limit is
+    the weighted-ℓ1 minimal interpolator with weights
     w±_i = Φ_i(∞) ∓ ∇Q(θ0)_i (both > 0: ∇Q(θ0) is inside the box). It is the plain ℓ1
     interpolator when the weights are uniform, e.g. the zero-first init (θ0 = 0, equal δ's);
     for random inits ∇Q(θ0) is of the same order as Φ(∞) and the weights are not uniform.
