@@ -275,13 +275,15 @@ _phi_inv = _implicit_inverse(_phi, lambda w, d: 1 / _prod_sqrt(w, d), _phi_inv_s
 
 
 def _kinds(delta, w0):
-    """Per coordinate: `tied` (every gap 0), `partial` (smallest gap 0, another > 0), `frozen`
-    (tied with w0 = 0)."""
+    """Per coordinate: `tied` (every gap 0, or frozen), `partial` (smallest gap 0, another > 0,
+    w0 ≠ 0), `frozen` (smallest gap 0 at w0 = 0: two or more layers at 0)."""
     if delta.shape[0] == 0:
         no = jnp.zeros(delta.shape[1:], bool)
         return no, no, no
     tied = jnp.all(delta == 0, axis=0)
-    return tied, (delta[0] == 0) & ~tied, tied & (w0 == 0)
+    # Two or more layers at 0: w ≡ 0 (ẇ has the factor |w|), θ ≡ 0, whatever the other gaps.
+    frozen = (delta[0] == 0) & (w0 == 0)
+    return tied | frozen, (delta[0] == 0) & ~tied & ~frozen, frozen
 
 
 def _tied_phi(w, w0, K):
@@ -452,10 +454,10 @@ def geometry_problems(u0) -> dict[str, np.ndarray]:
         delta, _, am = _gaps_np(u0.astype(np.float64))
         K = L - 1
         tiny = np.finfo(dtype).tiny
-        tied = np.all(delta == 0, axis=0)
+        frozen = (delta[0] == 0) & (am == 0)
+        tied = np.all(delta == 0, axis=0) | frozen
         partial = (delta[0] == 0) & ~tied
         sub = np.any((delta > 0) & (delta < tiny), axis=0)
-        frozen = tied & (am == 0)
         half = tied & ~frozen
         over = np.zeros(d, bool)
         under = half & (L * np.log(np.where(half, am, 1.0)) < np.log(tiny) + 1)
