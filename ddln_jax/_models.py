@@ -31,10 +31,9 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._flows import AbstractFormulation, as_formulation, layer_products_except
-from ._geometry import Geometry, SignedGeometry, _prod_sqrt, geometry_problems, _problem_message
+from ._geometry import Geometry, SignedGeometry, _problem_message, _prod_sqrt, geometry_problems
 from ._init import check_init as _check_product_layers
 from ._validate import as_float_array, is_tracer, positive_int, positive_scalar
-
 
 # ---------------------------------------------------------------------------------------------
 # Formulations of the signed flow. `args = (loss, SignedGeometry)`.
