@@ -13,7 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._engine import EngineConfig, EngineData, Outputs, run_engine
+from ._engine import EngineConfig, EngineData, run_engine
+
+
+def _device_arrays(tree):
+    """JAX arrays for the array leaves (a loss may also hold plain functions)."""
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic, jax.Array)) else x, tree
+    )
 
 
 def difficulty(u0: np.ndarray) -> np.ndarray:
@@ -78,7 +85,7 @@ def run_queue(
         du0, dtg = (np.asarray(t, dtype) for t in tangent)
         dtangent = (jnp.asarray(pad(du0[order])), jnp.asarray(pad(np.broadcast_to(dtg, (J,))[order])))
         data = EngineData(loss, u0p, tgp, np.asarray(J, np.int32), *common)
-        data = jax.tree_util.tree_map(jnp.asarray, data)
+        data = _device_arrays(data)
         out, dout, stats = run_engine(config, data, on_round=on_jobs, tangent=dtangent)
         inverse = np.empty(J, int)
         inverse[order] = np.arange(J)
@@ -87,7 +94,7 @@ def run_queue(
         return back(out), back(dout), stats
     if D == 1:
         data = EngineData(loss, u0p, tgp, np.asarray(J, np.int32), *common)
-        data = jax.tree_util.tree_map(jnp.asarray, data)
+        data = _device_arrays(data)
         out, stats = run_engine(config, data, on_round=on_jobs)
         queue_out = jax.tree_util.tree_map(lambda x: x[:J], out)
     else:

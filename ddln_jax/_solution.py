@@ -68,9 +68,57 @@ def decide_status(*, reached_end, event, max_steps, failed, nonfinite_trials, fi
     return jnp.where(nonfinite, NONFINITE, code).astype(jnp.int32)
 
 
+class _BracketState(eqx.Module):
+    lower: jax.Array
+    upper: jax.Array
+    decreasing: jax.Array
+    step: jax.Array
+    value: jax.Array
+
+
+class EventLocator(optx.AbstractRootFinder):
+    """Newton's method on a scalar function of time, kept inside the step's bracket
+    [lower, upper] (a Newton iterate that leaves the bracket is replaced by bisection).
+
+    The one locator of the loss threshold: diffrax's event in `simulate` and the lane engine
+    both use it. It needs no linear solver (lineax's closure conversion fails inside the
+    sharded engine), takes the derivative by `jax.jvp`, and stops when the step is below
+    `atol + rtol·|t|` or the bracket is that narrow."""
+
+    rtol: float = 1e-12
+    atol: float = 1e-14
+    norm = staticmethod(jnp.abs)
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        lower = jnp.asarray(options["lower"], f_struct.dtype)
+        upper = jnp.asarray(options["upper"], f_struct.dtype)
+        f_lo, _ = fn(lower, args)
+        f_hi, _ = fn(upper, args)
+        inf = jnp.asarray(jnp.inf, f_struct.dtype)
+        return _BracketState(lower, upper, f_lo > f_hi, inf, inf)
+
+    def step(self, fn, y, args, options, state, tags):
+        (f, aux), (df, _) = jax.jvp(lambda t: fn(t, args), (y,), (jnp.ones_like(y),))
+        past = state.decreasing ^ (f > 0)  # y is past the root
+        lower = jnp.where(past, state.lower, y)
+        upper = jnp.where(past, y, state.upper)
+        newton = y - f / df
+        inside = jnp.isfinite(newton) & (newton > lower) & (newton < upper)
+        new = jnp.where(f == 0, y, jnp.where(inside, newton, 0.5 * (lower + upper)))
+        return new, _BracketState(lower, upper, state.decreasing, new - y, f), aux
+
+    def terminate(self, fn, y, args, options, state, tags):
+        tol = self.atol + self.rtol * jnp.abs(y)
+        done = (jnp.abs(state.step) <= tol) | (state.upper - state.lower <= tol) | (state.value == 0)
+        return done, optx.RESULTS.successful
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        return y, aux, {}
+
+
 def event_root_finder():
     """The root finder that locates the loss threshold inside a step, on both paths."""
-    return optx.Newton(rtol=1e-12, atol=1e-14)
+    return EventLocator()
 
 
 # Consecutive non-finite trial steps (each shrinking dt by 5×) before a run is declared
