@@ -31,7 +31,7 @@ from ._sweep import (
     summary as summary,
     sweep as sweep,
 )
-from ._results import open_results as open_results
+from ._results import StoreError as StoreError, open_results as open_results
 from ._bounds import (
     BoundReport as BoundReport,
     PLEstimate as PLEstimate,

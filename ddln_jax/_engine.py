@@ -29,13 +29,13 @@ import numpy as np
 
 from ._flows import AbstractFormulation, ReducedFlow
 from ._geometry import Geometry
-from ._solvers import FlowField, natural_scale
 from ._solution import (
     NONFINITE_STREAK,
     decide_status,
     finite_tree,
     locate_event,
 )
+from ._solvers import FlowField, natural_scale
 
 _PENDING = -1  # a job not finished yet / a lane without a job
 _UNSTARTED = -2  # a lane before its first job (the first iteration hands them out)

@@ -80,6 +80,14 @@ def layered_init(scales, d: int, *, key=None, dtype=None) -> Float[Array, "L d"]
     return scales[:, None] * jax.random.normal(key, (scales.shape[0], d), dtype=dtype)
 
 
+# The named schemes of a sweep spec (`[init] scheme = ...`), next to their definitions.
+INIT_SCHEMES = {
+    "gaussian": gaussian_init,
+    "zero_first": zero_first_init,
+    "balanced": balanced_init,
+}
+
+
 def check_init(u0, name: str = "u0", *, batch: bool = False) -> Float[Array, "*B L d"]:
     """Validate layers: shape (L, d) (or (B, L, d) with `batch`) with L, d ≥ 1 (B ≥ 1), finite."""
     u0 = as_float_array(name, u0, ndim=(2, 3) if batch else 2)

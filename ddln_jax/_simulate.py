@@ -14,10 +14,9 @@ from ._batch import run_queue
 from ._engine import EngineConfig, state_scale
 from ._flows import AbstractFormulation
 from ._geometry import geometry_problems
-from ._models import SignedModel, as_model
-from ._solvers import Auto, FlowField
 from ._init import check_init
 from ._losses import as_loss, check_loss_at, is_concrete
+from ._models import SignedModel, as_model
 from ._solution import (
     EVENT,
     SAVEABLE,
@@ -27,6 +26,7 @@ from ._solution import (
     event_root_finder,
     status_item,
 )
+from ._solvers import Auto, FlowField
 from ._validate import (
     _short,
     as_float_array,

@@ -28,7 +28,7 @@ save_spacing = "linear"   # or "log": t = 0, then n_save - 1 times from t1·1e-4
 stop_ratio = 1e-6         # optional: stop when f − f* ≤ ε (f(θ0) − f*)
 rtol = 1e-8
 atol = 1e-10
-solver = "tsit5"          # "tsit5" | "dopri5" | "dopri8" | "bosh3" | "heun"
+solver = "auto"           # "auto" | "rodas4" | "tsit5" | "dopri5" | "dopri8" | "bosh3" | "heun"
 max_steps = 200000
 
 [engine]
@@ -57,8 +57,9 @@ import diffrax as dfx
 import numpy as np
 
 from ._flows import FORMULATIONS
-from ._init import balanced_init, gaussian_init, zero_first_init
+from ._init import INIT_SCHEMES
 from ._problems import PROBLEM_KINDS, data_digest, load_data
+from ._solvers import Auto, Rodas4
 
 try:  # Python ≥ 3.11
     import tomllib
@@ -72,15 +73,16 @@ class SpecError(ValueError):
 
 # The names a spec may use, each next to what it names.
 SOLVERS: dict[str, type[dfx.AbstractSolver]] = {
+    "auto": Auto,  # Tsit5 while the flow is not stiff, Rodas4 once it is (simulate's default)
+    "rodas4": Rodas4,
     "tsit5": dfx.Tsit5,
     "dopri5": dfx.Dopri5,
     "dopri8": dfx.Dopri8,
     "bosh3": dfx.Bosh3,
     "heun": dfx.Heun,
 }
-# Init schemes: name → `ddln_jax._init` function (called as f(L, d, α), gaussian with a key
+# Init schemes: `ddln_jax._init.INIT_SCHEMES` (called as f(L, d, α), gaussian with a key
 # first); "custom" takes the inits given to `sweep(..., inits=...)`.
-INIT_SCHEMES = {"gaussian": gaussian_init, "zero_first": zero_first_init, "balanced": balanced_init}
 SCHEMES = (*INIT_SCHEMES, "custom")
 
 # Bounds that keep a typo from becoming a silent wrong result or an endless allocation.
@@ -119,7 +121,7 @@ class RunSpec:
     stop_ratio: float | None = None
     rtol: float = 1e-8
     atol: float = 1e-10
-    solver: str = "tsit5"
+    solver: str = "auto"
     max_steps: int = 200_000
 
 

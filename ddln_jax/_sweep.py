@@ -32,12 +32,12 @@ import xarray as xr
 from ._batch import difficulty, lanes_for, run_queue
 from ._engine import EngineConfig
 from ._flows import as_formulation
-from ._init import gaussian_init
+from ._init import INIT_SCHEMES, gaussian_init
 from ._losses import CallableLoss, as_loss
 from ._problems import Problem, custom_problem, make_problem
 from ._results import ResultStore, StoreError, load_dataset
 from ._solution import EVENT, SUCCESS
-from ._spec import INIT_SCHEMES, SOLVERS, SpecError, SweepSpec
+from ._spec import SOLVERS, SpecError, SweepSpec
 
 try:
     from ._bounds import c0 as theory_c0
