@@ -14,7 +14,9 @@ with α log-spaced in [0.3, 1]) trained by gradient descent on the layers, compa
 
 The baselines run `--baseline-steps` steps (default 10⁴; less for a quick look) and, for the
 per-run loops, `--per-run` runs; their times are extrapolated linearly to the full workload
-(`time_full_s`), which is exact up to noise since every step costs the same. Accuracy: the
+(`time_full_s`), which is exact up to noise since every step costs the same. `cpu_s` is the
+process CPU time (all threads) of the same section: on a shared, oversubscribed machine it
+measures the work done where wall time measures the share of the CPU received. Accuracy: the
 max relative difference of θ against the compiled call at the same step (`rel_diff`).
 
 Run: `python benchmarks/train_bench.py [--small] [--json PATH]` (default JSON:
@@ -53,19 +55,21 @@ def compiled(work, lrs, steps, check_step):
     """`ddln_jax.train` on all (lr, init) lanes; θ saved at `check_step` and at the end."""
     u0 = jnp.asarray(work.u0)
     saves = np.unique([0, check_step, steps])
-    kw = dict(steps=steps, learning_rate=lrs, saves=saves)
+    # Run lengths are traced: a 2-step run with as many saves compiles the same program.
     t0 = time.perf_counter()
-    res = dj.train(work.loss, u0, optax.sgd, **kw)  # includes compilation
-    jax.block_until_ready(res.theta)
+    warm = dj.train(work.loss, u0, optax.sgd, steps=2, learning_rate=lrs,
+                    saves=np.arange(len(saves)) * (2 // max(len(saves) - 1, 1)))
+    jax.block_until_ready(warm.theta)
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res = dj.train(work.loss, u0, optax.sgd, **kw)
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = dj.train(work.loss, u0, optax.sgd, steps=steps, learning_rate=lrs, saves=saves)
     jax.block_until_ready(res.theta)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     k = int(np.flatnonzero(saves == check_step)[0])
     return {
-        "name": "compiled", "time_s": elapsed, "time_full_s": elapsed,
-        "compile_s": first - elapsed, "steps_run": steps, "lanes_run": res.theta.shape[0] *
+        "name": "compiled", "time_s": elapsed, "time_full_s": elapsed, "cpu_s": cpu,
+        "cpu_full_s": cpu,
+        "compile_s": first, "steps_run": steps, "lanes_run": res.theta.shape[0] *
         res.theta.shape[1],
         "status_counts": {str(n): int(c) for n, c in zip(*np.unique(res.status_name,
                                                                      return_counts=True))},
@@ -93,30 +97,31 @@ def jax_loop_batched(work, lrs, steps):
     u = jnp.broadcast_to(jnp.asarray(work.u0), (len(lrs), *work.u0.shape))
     s = vinit(jnp.asarray(work.u0), jnp.asarray(lrs))
     jax.block_until_ready(vstep(u, s))  # compile
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         u, s = vstep(u, s)
     u = jax.block_until_ready(u)
-    elapsed = time.perf_counter() - t0
-    return {"name": "jax_loop_batched", "time_s": elapsed, "steps_run": steps,
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"name": "jax_loop_batched", "time_s": elapsed, "cpu_s": cpu, "steps_run": steps,
             "lanes_run": len(lrs) * work.B}, np.asarray(jnp.prod(u, axis=-2))
 
 
 def jax_loop_per_run(work, lrs, steps, runs):
     init, step = _jax_update(work.loss)
     jinit, jstep = jax.jit(init), jax.jit(step)
-    thetas, elapsed = [], 0.0
+    thetas, elapsed, cpu = [], 0.0, 0.0
     for (i, j) in runs:
         u = jnp.asarray(work.u0[j])
         s = jinit(u, jnp.asarray(lrs[i]))
         jax.block_until_ready(jstep(u, s))  # compile (once) / warm
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             u, s = jstep(u, s)
         u = jax.block_until_ready(u)
         elapsed += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         thetas.append(np.asarray(jnp.prod(u, axis=0)))
-    return {"name": "jax_loop_per_run", "time_s": elapsed, "steps_run": steps,
+    return {"name": "jax_loop_per_run", "time_s": elapsed, "cpu_s": cpu, "steps_run": steps,
             "lanes_run": len(runs)}, np.array(thetas)
 
 
@@ -146,11 +151,11 @@ def torch_loop_per_run(work, lrs, steps, runs):
     X = torch.tensor(work.X)
     y = torch.tensor(work.y)
     n = X.shape[0]
-    thetas, elapsed = [], 0.0
+    thetas, elapsed, cpu = [], 0.0, 0.0
     for (i, j) in runs:
         u = torch.tensor(work.u0[j], requires_grad=True)
         opt = torch.optim.SGD([u], lr=float(lrs[i]))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             r = X @ torch.prod(u, dim=0) - y
@@ -158,8 +163,9 @@ def torch_loop_per_run(work, lrs, steps, runs):
             loss.backward()
             opt.step()
         elapsed += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         thetas.append(torch.prod(u.detach(), dim=0).numpy())
-    return {"name": "torch_loop_per_run", "time_s": elapsed, "steps_run": steps,
+    return {"name": "torch_loop_per_run", "time_s": elapsed, "cpu_s": cpu, "steps_run": steps,
             "lanes_run": len(runs), "torch_version": torch.__version__,
             "torch_threads": torch.get_num_threads()}, np.array(thetas)
 
@@ -173,15 +179,15 @@ def torch_loop_batched(work, lrs, steps):
     lr = torch.tensor(lrs)[:, None, None, None]
     u = torch.tensor(np.broadcast_to(work.u0, (len(lrs), *work.u0.shape)).copy(),
                      requires_grad=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         r = torch.prod(u, dim=-2) @ X.T - y
         loss = 0.5 * (r * r).sum() / n  # lanes are independent: the sum separates
         (g,) = torch.autograd.grad(loss, u)
         with torch.no_grad():
             u -= lr * g
-    elapsed = time.perf_counter() - t0
-    return {"name": "torch_loop_batched", "time_s": elapsed, "steps_run": steps,
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"name": "torch_loop_batched", "time_s": elapsed, "cpu_s": cpu, "steps_run": steps,
             "lanes_run": len(lrs) * work.B}, torch.prod(u.detach(), dim=-2).numpy()
 
 
@@ -190,7 +196,7 @@ def numpy_batched(work, lrs, steps):
     n = X.shape[0]
     lr = np.asarray(lrs)[:, None, None, None]
     u = np.broadcast_to(work.u0, (len(lrs), *work.u0.shape)).copy()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         theta = np.prod(u, axis=-2)
         g = ((theta @ X.T - y) @ X) / n
@@ -198,8 +204,8 @@ def numpy_batched(work, lrs, steps):
         pre = np.cumprod(np.concatenate([ones, u[..., :-1, :]], axis=-2), axis=-2)
         suf = np.cumprod(np.concatenate([ones, u[..., :0:-1, :]], axis=-2), axis=-2)[..., ::-1, :]
         u = u - lr * (pre * suf) * g[..., None, :]
-    elapsed = time.perf_counter() - t0
-    return {"name": "numpy_batched", "time_s": elapsed, "steps_run": steps,
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"name": "numpy_batched", "time_s": elapsed, "cpu_s": cpu, "steps_run": steps,
             "lanes_run": len(lrs) * work.B}, np.prod(u, axis=-2)
 
 
@@ -252,22 +258,11 @@ def main(argv=None):
         "torch_loop_batched": lambda: torch_loop_batched(work, lrs, base_steps),
         "numpy_batched": lambda: numpy_batched(work, lrs, base_steps),
     }
-    for name, fn in tasks.items():
-        if name in a.skip:
-            continue
-        if name.startswith("torch") and torch_unavailable():
-            rows.append({"name": name, "skipped": torch_unavailable()})
-            continue
-        r, theta = fn()
-        r["time_full_s"] = r["time_s"] * (a.steps / r["steps_run"]) * (lanes / r["lanes_run"])
-        r["rel_diff"] = rel_diff(theta, ref_runs if name.endswith("per_run") else ref)
-        r["speedup_of_compiled"] = r["time_full_s"] / row["time_s"]
-        rows.append(r)
-        print(f"{name}: {r['time_s']:.2f} s for {r['lanes_run']} lanes × {r['steps_run']} "
-              f"steps → {r['time_full_s']:.1f} s full, rel diff {r['rel_diff']:.2e}",
-              file=sys.stderr, flush=True)
+    path = a.json or (None if a.small else os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", "train_bench_cpu.json"))
 
-    result = {
+    def result():
+        return {
         "workload": {**work.describe(), "learning_rates": lrs.tolist(), "steps": a.steps,
                      "lanes": lanes, "baseline_steps": base_steps, "per_run_lanes": runs,
                      "stable_learning_rate_min": float(stable.min()),
@@ -277,14 +272,34 @@ def main(argv=None):
                     "load_average_1min": os.getloadavg()[0],
                     "jax_version": jax.__version__, "jax_backend": jax.default_backend()},
         "results": rows,
-    }
-    text = json.dumps(result, indent=1)
-    print(text)
-    path = a.json or (None if a.small else os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results", "train_bench_cpu.json"))
-    if path:
-        with open(path, "w") as f:
-            f.write(text + "\n")
+        }
+
+    def write():
+        # After every row: a run cut short still leaves what it measured.
+        if path:
+            with open(path, "w") as f:
+                f.write(json.dumps(result(), indent=1) + "\n")
+
+    write()
+    for name, fn in tasks.items():
+        if name in a.skip:
+            continue
+        if name.startswith("torch") and torch_unavailable():
+            rows.append({"name": name, "skipped": torch_unavailable()})
+            continue
+        r, theta = fn()
+        scale = (a.steps / r["steps_run"]) * (lanes / r["lanes_run"])
+        r["time_full_s"] = r["time_s"] * scale
+        r["cpu_full_s"] = r["cpu_s"] * scale
+        r["cpu_speedup_of_compiled"] = r["cpu_full_s"] / row["cpu_s"]
+        r["rel_diff"] = rel_diff(theta, ref_runs if name.endswith("per_run") else ref)
+        r["speedup_of_compiled"] = r["time_full_s"] / row["time_s"]
+        rows.append(r)
+        print(f"{name}: {r['time_s']:.2f} s for {r['lanes_run']} lanes × {r['steps_run']} "
+              f"steps → {r['time_full_s']:.1f} s full, rel diff {r['rel_diff']:.2e}",
+              file=sys.stderr, flush=True)
+        write()
+    print(json.dumps(result(), indent=1))
 
 
 if __name__ == "__main__":
