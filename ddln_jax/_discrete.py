@@ -260,11 +260,12 @@ def _minibatch(loss, key, k, batch_size, replace):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("kind", "optimizer", "steps", "batch_size", "replace", "axes", "save_u",
-                     "has_stop"),
+    static_argnames=("kind", "optimizer", "batch_size", "replace", "axes", "save_u", "has_stop"),
 )
-def _train_compiled(loss, u0, lrs, keys, seg, tail, levels, *, kind, optimizer, steps,
+def _train_compiled(loss, u0, lrs, keys, seg, tail, levels, steps, *, kind, optimizer,
                     batch_size, replace, axes, save_u, has_stop):
+    # `steps` and the segment lengths are traced: one program serves every run length with
+    # the same number of saves.
     dtype = u0.dtype
 
     def lane(u0, stop_level, lr, key):
@@ -467,8 +468,8 @@ def train(
         level = jnp.full(u0.shape[:-2], -jnp.inf, u0.dtype)
 
     recs, u_final, k_final, f_final, status, div, hit = _train_compiled(
-        loss, u0, lrs, keys, jnp.asarray(seg), jnp.asarray(tail), level, kind=kind,
-        optimizer=optimizer, steps=steps, batch_size=batch_size, replace=replace, axes=axes,
+        loss, u0, lrs, keys, jnp.asarray(seg), jnp.asarray(tail), level, jnp.asarray(steps),
+        kind=kind, optimizer=optimizer, batch_size=batch_size, replace=replace, axes=axes,
         save_u="u" in save, has_stop=has_stop,
     )
     theta, floss, conserved = recs[:3]
