@@ -1,6 +1,6 @@
 """Sweep specifications: parsing and validation (TOML or dict), before anything is compiled.
 
-A spec has four sections; unknown sections or keys are errors, and every error names the
+A spec has up to five sections; unknown sections or keys are errors, and every error names the
 file, the section and the key:
 
 ```toml
@@ -30,6 +30,14 @@ rtol = 1e-8
 atol = 1e-10
 solver = "auto"           # "auto" | "rodas4" | "tsit5" | "dopri5" | "dopri8" | "bosh3" | "heun"
 max_steps = 200000
+# method = "gd"           # "flow" (default) | "gd" | "momentum" | "adam": discrete runs
+# learning_rates = [0.01] # discrete methods: one `learning_rate` dimension
+# steps = 1000            # discrete methods: steps per run (save step k = round(steps·t/t1))
+# sensitivities = ["alpha"]  # flow only: forward-mode d/dα of θ(t), θ_final, time to ε
+
+[model]                   # optional; default: the product model
+kind = "product"          # "product" (θ = u¹⊙…⊙u^L) | "signed" (θ = θ⁺ − θ⁻, layers (2, L, d))
+tied = false              # signed only: one vector per half raised to the power L
 
 [engine]
 lanes = 64                # lanes per device
@@ -85,6 +93,14 @@ SOLVERS: dict[str, type[dfx.AbstractSolver]] = {
 # first); "custom" takes the inits given to `sweep(..., inits=...)`.
 SCHEMES = (*INIT_SCHEMES, "custom")
 
+# The models a spec may use (`[model] kind`) and their init schemes (`[init] scheme`).
+MODEL_KINDS = ("product", "signed")
+SIGNED_SCHEMES = ("woodworth", "shape_scale", "gaussian")
+# `[run] method`: the gradient flow, or discrete runs (`ddln_jax._discrete.train_runs`).
+METHODS = ("flow", "gd", "momentum", "adam")
+# `[run] sensitivities`: forward-mode derivatives computed on the lane engine.
+SENSITIVITIES = ("alpha",)
+
 # Bounds that keep a typo from becoming a silent wrong result or an endless allocation.
 MAX_RTOL = 1e-2  # looser tolerances let the flow drift off (rtol = 10 "succeeds" with f 5000× too big)
 MAX_ATOL = 1e-2
@@ -123,6 +139,21 @@ class RunSpec:
     atol: float = 1e-10
     solver: str = "auto"
     max_steps: int = 200_000
+    method: str = "flow"
+    learning_rates: tuple[float, ...] = ()
+    steps: int = 0
+    sensitivities: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    kind: str = "product"
+    tied: bool = False
+
+    @property
+    def name(self) -> str:
+        """The name `ddln_jax.as_model` knows: "product", "signed" or "signed_tied"."""
+        return "signed_tied" if self.tied else self.kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +180,7 @@ class SweepSpec:
     init: InitSpec
     run: RunSpec
     engine: EngineSpec
+    model: ModelSpec = ModelSpec()
     source: str = dataclasses.field(default="<dict>", compare=False)
 
     @classmethod
@@ -201,6 +233,14 @@ class SweepSpec:
         d = self.to_dict()
         d.pop("engine")
         d["problem"].pop("path")
+        # Keys added later enter the digest only when they differ from their defaults: the
+        # results of a spec without them keep their digest (and resume).
+        if d["model"] == dataclasses.asdict(ModelSpec()):
+            d.pop("model")
+        for key, default in (("method", "flow"), ("learning_rates", ()), ("steps", 0),
+                             ("sensitivities", ())):
+            if d["run"][key] == default:
+                d["run"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -347,10 +387,25 @@ def _problem(raw, source) -> ProblemSpec:
     return ProblemSpec(kind, n, d, sparsity, noise, seeds, None, None)
 
 
-def _init(raw, source) -> InitSpec:
+def _model(raw, source) -> ModelSpec:
+    m = _section(raw, "model", source, ["kind", "tied"])
+    kind = _choice(source, "model", "kind", m.get("kind", "product"), MODEL_KINDS)
+    tied = m.get("tied", False)
+    if not isinstance(tied, bool):
+        raise _err(source, "model", "tied", f"must be true or false, got {_short(tied)}")
+    if tied and kind != "signed":
+        raise _err(source, "model", "tied", f"only the signed model has tied layers, not {kind!r}")
+    return ModelSpec(kind, tied)
+
+
+def _init(raw, source, model: ModelSpec = ModelSpec()) -> InitSpec:
     i = _section(raw, "init", source, ["scheme", "alpha", "seeds", "shape"])
     di = InitSpec()
-    scheme = _choice(source, "init", "scheme", i.get("scheme", di.scheme), SCHEMES)
+    schemes = SIGNED_SCHEMES if model.kind == "signed" else SCHEMES
+    scheme = _choice(source, "init", "scheme", i.get("scheme", di.scheme), schemes)
+    if model.tied and scheme == "gaussian":
+        raise _err(source, "init", "scheme", "the tied signed model needs equal layers in each half: "
+                   "use 'woodworth' or 'shape_scale' with shape = [1.0]")
     if scheme == "custom":
         extra = [k for k in ("alpha", "seeds", "shape") if k in i]
         if extra:
@@ -363,13 +418,18 @@ def _init(raw, source) -> InitSpec:
         raise _err(source, "init", "seeds", f"scheme {scheme!r} is deterministic: use one seed")
     shape = _list(source, "init", "shape", i.get("shape", list(di.shape)),
                   lambda v: _float(source, "init", "shape", v))
+    if model.kind == "signed" and scheme == "woodworth" and shape != (1.0,):
+        raise _err(source, "init", "shape", f"'woodworth' has equal layers (shape 1); use scheme = 'shape_scale' for shape {list(shape)}")
+    if model.tied and shape != (1.0,):
+        raise _err(source, "init", "shape", f"the tied signed model needs equal layers in each half: use [1.0], got {list(shape)}")
     return InitSpec(scheme, alpha, iseeds, shape)
 
 
-def _run(raw, source, scheme) -> RunSpec:
+def _run(raw, source, scheme, model: ModelSpec = ModelSpec()) -> RunSpec:
     r = _section(raw, "run", source, ["depths", "formulation", "t1", "n_save", "save_times",
                                        "save_spacing", "stop_ratio", "rtol", "atol", "solver",
-                                       "max_steps"])
+                                       "max_steps", "method", "learning_rates", "steps",
+                                       "sensitivities"])
     dr = RunSpec()
     depths = _list(source, "run", "depths", r.get("depths", list(dr.depths)),
                    lambda v: _int(source, "run", "depths", v, 1))
@@ -407,7 +467,36 @@ def _run(raw, source, scheme) -> RunSpec:
         raise _err(source, "run", "rtol", f"is below what float64 can deliver, got {rtol}")
     solver = _choice(source, "run", "solver", r.get("solver", dr.solver), tuple(SOLVERS))
     max_steps = _int(source, "run", "max_steps", r.get("max_steps", dr.max_steps), 1, 2**31 - 1)
-    return RunSpec(depths, formulation, t1, save, stop, rtol, atol, solver, max_steps)
+    method = _choice(source, "run", "method", r.get("method", "flow"), METHODS)
+    lrs, steps = (), 0
+    if method == "flow":
+        extra = [k for k in ("learning_rates", "steps") if k in r]
+        if extra:
+            raise _err(source, "run", extra[0], "only used with a discrete method (method = 'gd', 'momentum', 'adam')")
+    else:
+        if "learning_rates" not in r or "steps" not in r:
+            raise _err(source, "run", "learning_rates" if "learning_rates" not in r else "steps",
+                       f"method = {method!r} needs learning_rates = [...] and steps = N")
+        lrs = _list(source, "run", "learning_rates", r["learning_rates"],
+                    lambda v: _float(source, "run", "learning_rates", v))
+        steps = _int(source, "run", "steps", r["steps"], 1, 2**31 - 1)
+        if model.kind != "product":
+            raise _err(source, "run", "method", f"discrete runs train the product model only, not {model.kind!r}")
+        if stop is not None:
+            raise _err(source, "run", "stop_ratio", f"not used with method = {method!r} (discrete runs stop after `steps`)")
+        ks = np.rint(np.asarray(save) / t1 * steps).astype(np.int64)
+        if np.any(np.diff(ks) <= 0):
+            raise _err(source, "run", "steps", f"{steps} steps cannot hold {len(save)} distinct save steps (k = round(steps·t/t1)): save fewer times or take more steps")
+    sens = ()
+    if "sensitivities" in r:
+        sens = _list(source, "run", "sensitivities", r["sensitivities"],
+                     lambda v: _choice(source, "run", "sensitivities", v, SENSITIVITIES))
+        if method != "flow":
+            raise _err(source, "run", "sensitivities", f"computed for the flow only, not method = {method!r}")
+        if scheme == "custom":
+            raise _err(source, "run", "sensitivities", "d/dα needs a scheme that scales with α, not scheme = 'custom'")
+    return RunSpec(depths, formulation, t1, save, stop, rtol, atol, solver, max_steps,
+                   method, lrs, steps, sens)
 
 
 def _engine(e, source) -> EngineSpec:
@@ -423,14 +512,15 @@ def _engine(e, source) -> EngineSpec:
 def _parse(raw, source) -> SweepSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a spec must be a table of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"problem", "init", "run", "engine"}, key=str)
+    unknown = sorted(set(raw) - {"problem", "init", "run", "engine", "model"}, key=str)
     if unknown:
-        raise SpecError(f"{source}: [{unknown[0]}]: unknown section (known: problem, init, run, engine)")
+        raise SpecError(f"{source}: [{unknown[0]}]: unknown section (known: problem, init, run, engine, model)")
     problem = _problem(raw, source)
-    init = _init(raw, source)
-    run = _run(raw, source, init.scheme)
+    model = _model(raw, source)
+    init = _init(raw, source, model)
+    run = _run(raw, source, init.scheme, model)
     engine = _engine(_section(raw, "engine", source, ["lanes", "chunk_size", "devices"]), source)
-    return SweepSpec(problem, init, run, engine, source)
+    return SweepSpec(problem, init, run, engine, model, source)
 
 
 def __getattr__(name):

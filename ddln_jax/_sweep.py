@@ -34,10 +34,18 @@ from ._engine import EngineConfig
 from ._flows import as_formulation
 from ._init import INIT_SCHEMES, gaussian_init
 from ._losses import CallableLoss, as_loss
+from ._models import SignedModel, as_model, check_signed_geometry, shape_scale_init, signed_gaussian_init, woodworth_init
 from ._problems import Problem, custom_problem, make_problem
 from ._results import ResultStore, StoreError, load_dataset
 from ._solution import EVENT, SUCCESS
 from ._spec import SOLVERS, SpecError, SweepSpec
+
+# The signed model's init schemes (`[model] kind = "signed"`), called as f(L, d, α, shape)
+# (gaussian with a key first); every one scales with α.
+_SIGNED_INITS = {
+    "woodworth": lambda L, d, alpha, shape: woodworth_init(L, d, alpha),
+    "shape_scale": shape_scale_init,
+}
 
 try:
     from ._bounds import c0 as theory_c0
@@ -184,6 +192,17 @@ class _Inputs:
             return self.custom_inits[L]
         spec, d = self.spec, self.d
         scheme = spec.init.scheme
+        if spec.model.kind == "signed":
+            out = np.empty((len(spec.jobs()), 2, L, d))
+            for j, (shape, alpha, seed) in enumerate(spec.jobs()):
+                if scheme == "gaussian":
+                    key = jax.random.fold_in(jax.random.PRNGKey(seed), L)
+                    u = np.array(signed_gaussian_init(key, L, d, alpha))
+                    u[:, 0] *= shape  # the first layer of each half, as for the product model
+                else:
+                    u = np.asarray(_SIGNED_INITS[scheme](L, d, alpha, shape))
+                out[j] = u
+            return out
         out = np.empty((len(spec.jobs()), L, d))
         for j, (shape, alpha, seed) in enumerate(spec.jobs()):
             if scheme == "gaussian":
@@ -322,13 +341,18 @@ def _check_footprint(spec, inputs, devices, out) -> None:
 class _Depth:
     """The runs of one depth: inits (in run order), their order hardest first, the chunks."""
 
-    def __init__(self, L, inits, chunk):
+    def __init__(self, L, inits, chunk, model=None):
         self.L = L
         self.inits = inits
         self.order = np.argsort(-difficulty(inits), kind="stable")
         self.chunks = [self.order[i : i + chunk] for i in range(0, len(self.order), chunk)]
-        self.theta0 = np.prod(inits, axis=1)
-        self.c0 = np.asarray(theory_c0(inits))
+        if isinstance(model, SignedModel):
+            self.theta0 = np.asarray(model.theta(inits))
+            # c0 of the equivalent product problem, layers [+ half | − half] (L, 2d).
+            self.c0 = np.asarray(theory_c0(np.asarray(model.as_product(inits))))
+        else:
+            self.theta0 = np.prod(inits, axis=1)
+            self.c0 = np.asarray(theory_c0(inits))
 
 
 def _chunk_name(L, p_seed, idx) -> str:
@@ -520,24 +544,41 @@ def _run(spec, inputs, store, out, devices, progress, shard):
     pl = [lo.pl_constant() for lo in losses]
     p_seeds = [0] if spec.problem.kind == "custom" else list(spec.problem.seeds)
     d, n_save = inputs.d, len(spec.run.save_times)
-    chunk = max(1, min(spec.engine.chunk_size, _CHUNK_BYTES // (8 * n_save * d)))
-    depths = {L: _Depth(L, inputs.inits(L), chunk) for L in spec.run.depths}
+    model = as_model(spec.model.name)
+    signed = isinstance(model, SignedModel)
+    discrete = spec.run.method != "flow"
+    n_lr = max(1, len(spec.run.learning_rates))  # discrete runs: every η of an init in one chunk
+    sens = bool(spec.run.sensitivities)
+    if jax.process_count() > 1 and (discrete or sens):
+        raise ValueError("discrete methods and sensitivities run in one process: not under jax.distributed")
+    chunk = max(1, min(spec.engine.chunk_size, _CHUNK_BYTES // (8 * n_save * d * n_lr * (2 if sens else 1))))
+    depths = {L: _Depth(L, inputs.inits(L), chunk, model) for L in spec.run.depths}
     for L, dep in depths.items():
+        if signed:
+            break  # θ0 = θ⁺ − θ⁻ = 0 is the signed model's usual init, not an underflow
         # θ0 = u¹⊙…⊙u^L of nonzero layers that is 0 in float64: the product underflowed.
         under = (dep.theta0 == 0) & np.all(dep.inits != 0, axis=1)
         if under.all():
             raise SpecError(
                 f"{spec.source}: [run] depths: at depth {L} the product θ0 = u¹⊙…⊙u^L of every "
                 f"init underflows to 0 in float64 (|θ0| ≈ α^L): raise α or lower the depth")
-    form = as_formulation(spec.run.formulation)
+    form = model.formulation(spec.run.formulation)
     holds = all(bool(np.all(dep.c0 > 0)) for dep in depths.values())
-    if not holds and form.needs_assumption_a:
+    if signed and form.needs_assumption_a:
+        for L, dep in depths.items():
+            try:
+                check_signed_geometry(dep.inits, "the inits", f"formulation {spec.run.formulation!r}")
+            except ValueError as e:
+                raise SpecError(f"{spec.source}: [init] at depth {L}: {e}; use 'reduced'") from e
+    elif not holds and form.needs_assumption_a and not discrete:
         L, j = next((L, int(np.flatnonzero(dep.c0 <= 0)[0])) for L, dep in depths.items() if np.any(dep.c0 <= 0))
         what = f"init {j}" if spec.init.scheme == "custom" else f"the {spec.init.scheme!r} init (α={spec.jobs()[j][1]:g}, shape={spec.jobs()[j][0]:g})"
         raise SpecError(f"{spec.source}: [init]: {what} at depth {L} violates Assumption A, which "
                         f"formulation {spec.run.formulation!r} needs; use 'reduced'")
     theta_min = [np.nan_to_num(p.theta_min) for p in problems]
-    if spec.problem.kind == "logistic":
+    if signed or discrete:
+        bregman, note = False, f"not recorded: {'discrete runs' if discrete else 'the signed model'}"
+    elif spec.problem.kind == "logistic":
         bregman, note = False, "not recorded: logistic loss has no minimizer"
     elif not all(np.all(np.isfinite(p.theta_min)) for p in problems):
         bregman, note = False, "not recorded: no known minimizer of the loss"
@@ -558,7 +599,7 @@ def _run(spec, inputs, store, out, devices, progress, shard):
             fs = f_star[p] if f_star[p] is not None and np.isfinite(f_star[p]) else 0.0
             f0[L, p], targets[L, p] = v, fs + ratio * (v - fs)
     problems_ds = _problems_dataset(spec, problems, f_star, pl)
-    keep_theta = 8 * sum(inputs.runs_per_depth(L) for L in depths) * len(problems) * n_save * d <= _THETA_BYTES
+    keep_theta = 8 * sum(inputs.runs_per_depth(L) for L in depths) * len(problems) * n_save * d * n_lr <= _THETA_BYTES
     if not keep_theta and store is None and out is None:
         raise ValueError(
             f"this sweep's θ(t) takes more than {_gib(_THETA_BYTES)}: give an output directory, "
@@ -585,18 +626,28 @@ def _run(spec, inputs, store, out, devices, progress, shard):
         idx = missing[k]
         dep = depths[L]
         seen = [0]
+        if discrete:
+            res = _train_chunk(spec, losses[p], dep.inits[idx])
+            bar.update(len(idx))
+            return _discrete_dataset(spec, L, p_seeds[p], idx, inputs, res, f0[L, p][idx], dep.c0[idx])
 
         def on_jobs(n):
             bar.update(n - seen[0])
             seen[0] = n
 
-        res, stats = run_queue(
+        tangent = _alpha_tangent(spec, model, losses[p], dep.inits[idx], idx) if sens else None
+        res = run_queue(
             config, losses[p], dep.inits[idx], targets[L, p][idx], ts=spec.save_times,
             t1=spec.run.t1, rtol=spec.run.rtol, atol=spec.run.atol, max_steps=spec.run.max_steps,
-            theta_star=theta_min[p], devices=devices, size=size, on_jobs=on_jobs)
+            theta_star=theta_min[p], devices=devices[:1] if sens else devices, size=size,
+            on_jobs=on_jobs, tangent=tangent)
+        res, dres, stats = res if sens else (res[0], None, res[1])
         bar.update(len(idx) - seen[0])
-        return _chunk_dataset(spec, inputs, L, p_seeds[p], idx, res, stats, f0[L, p][idx],
-                              dep.c0[idx], bregman)
+        ds = _chunk_dataset(spec, inputs, L, p_seeds[p], idx, res, stats, f0[L, p][idx],
+                            dep.c0[idx], bregman)
+        if dres is not None:
+            ds = _with_sensitivities(ds, res, dres)
+        return ds
 
     try:
         bar.update(total - sum(len(m) for m in missing))
@@ -634,6 +685,11 @@ def _run(spec, inputs, store, out, devices, progress, shard):
     if sum(r.sizes["run"] for r in runs) < total:
         return None  # a shard whose sweep is not complete yet
     result = _assemble(spec, runs, problems_ds, pieces, note, devices, inputs)
+    if discrete:
+        # Discrete time t = k·η: one row of times per learning rate.
+        k = result["time"].values
+        eta = result["learning_rate"].values
+        result = result.assign_coords(t=(("learning_rate", "time"), eta[:, None] * k[None, :]))
     result.attrs["theta_trajectories"] = (
         "in this dataset" if keep_theta else "in the chunk files only (too large to assemble); "
         "read them with ddln_jax.load_trajectories"
@@ -645,6 +701,68 @@ def _run(spec, inputs, store, out, devices, progress, shard):
 
         multihost_utils.sync_global_devices("ddln_jax sweep: results written")
     return result
+
+
+def _alpha_tangent(spec, model, loss, U, idx):
+    """The engine's tangent inputs for d/dα: du0 = u0/α (every scheme of a spec scales
+    linearly with α) and the threshold's derivative ε·d f(θ0)/dα (f* does not move)."""
+    jobs = spec.jobs()
+    alpha = np.array([jobs[i][1] for i in idx], float)
+    du0 = U / alpha.reshape(-1, *([1] * (U.ndim - 1)))
+    f0 = jax.vmap(lambda u: loss(model.theta(u)))
+    df0 = np.asarray(jax.jvp(f0, (jnp.asarray(U),), (jnp.asarray(du0),))[1])
+    return du0, (spec.run.stop_ratio or 0.0) * df0
+
+
+def _with_sensitivities(ds, out, dout) -> xr.Dataset:
+    status = np.asarray(out.status)
+    return ds.assign({
+        "dtheta_dalpha": (("run", "time", "coord"), np.asarray(dout.theta)),
+        "dloss_dalpha": (("run", "time"), np.asarray(dout.loss)),
+        "dtheta_final_dalpha": (("run", "coord"), np.asarray(dout.theta_final)),
+        # The time to ε moves with α only for runs that reached ε.
+        "dtime_to_eps_dalpha": ("run", np.where(status == EVENT, np.asarray(dout.t_final), np.nan)),
+    })
+
+
+def _save_steps(spec) -> np.ndarray:
+    """The steps of a discrete run saved: the spec's save times as fractions of t1, rounded."""
+    return np.rint(spec.save_times / spec.run.t1 * spec.run.steps).astype(np.int64)
+
+
+def _train_chunk(spec, loss, U) -> dict:
+    from ._discrete import train_runs
+
+    return train_runs(loss, U, np.asarray(spec.run.learning_rates, float), spec.run.steps,
+                      _save_steps(spec), method=spec.run.method)
+
+
+def _discrete_dataset(spec, L, p_seed, idx, inputs, res, f0, c0) -> xr.Dataset:
+    """A chunk of discrete runs: every learning rate of each init (dimension `learning_rate`)."""
+    n = len(idx)
+    lr = np.asarray(res["learning_rate"], float)
+    status = np.swapaxes(np.asarray(res["status"]), 0, 1).astype(np.int32)
+    data = {
+        "job": ("run", np.asarray(idx, np.int64)),
+        "depth": ("run", np.full(n, L, np.int64)),
+        "problem": ("run", np.full(n, p_seed, np.int64)),
+        **_labels(spec, inputs, L, idx),
+        "status": (("run", "learning_rate"), status),
+        "steps": ("run", np.full(n, spec.run.steps, np.int64)),
+        "t_final": (("run", "learning_rate"), np.broadcast_to(spec.run.steps * lr, (n, len(lr))).copy()),
+        "time_to_eps": ("run", np.full(n, np.nan)),
+        "diverged_step": (("run", "learning_rate"), np.swapaxes(np.asarray(res["diverged_step"]), 0, 1).astype(np.int64)),
+        "stable_learning_rate": ("run", np.asarray(res["stable_learning_rate"], float).reshape(n)),
+        "loss_final": (("run", "learning_rate"), np.swapaxes(np.asarray(res["loss_final"]), 0, 1)),
+        "f0": ("run", f0),
+        "c0": ("run", c0),
+        "loss": (("run", "learning_rate", "time"), np.swapaxes(np.asarray(res["loss"]), 0, 1)),
+        "theta": (("run", "learning_rate", "time", "coord"), np.swapaxes(np.asarray(res["theta"]), 0, 1)),
+        "theta_final": (("run", "learning_rate", "coord"), np.swapaxes(np.asarray(res["theta_final"]), 0, 1)),
+    }
+    ds = xr.Dataset(data, coords={"time": _save_steps(spec), "learning_rate": lr})
+    ds.attrs.update({"lane_steps_executed": 0, "lane_steps_useful": 0})
+    return ds
 
 
 def _done_jobs(found: dict) -> dict:
@@ -766,7 +884,7 @@ def _assemble(spec, runs, problems_ds, pieces, bregman_note, devices, inputs) ->
             alpha=list(spec.init.alpha),
             seed=list(spec.init.seeds if spec.init.scheme == "gaussian" else spec.init.seeds[:1]),
         )
-    order = [*dims, "time", "coord"]
+    order = [*dims, "learning_rate", "time", "coord"]
     flat = flat.transpose(*[dim for dim in order if dim in flat.dims])
     ds = xr.merge([flat, problems_ds])
     # Engine statistics of every chunk used, loaded or computed.
@@ -777,6 +895,8 @@ def _assemble(spec, runs, problems_ds, pieces, bregman_note, devices, inputs) ->
     ds.attrs = {
         "spec": json.dumps(spec.to_dict(), sort_keys=True),
         "spec_digest": inputs.digest,
+        "model": spec.model.name,
+        "method": spec.run.method,
         "versions": json.dumps(_versions(), sort_keys=True),
         "stop_ratio": float(spec.run.stop_ratio) if spec.run.stop_ratio is not None else math.nan,
         "bregman": bregman_note,
