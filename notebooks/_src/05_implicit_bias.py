@@ -39,7 +39,7 @@ theta_planted = np.zeros(d)
 theta_planted[[1, 5]] = [1.0, -0.7]
 y = X @ theta_planted
 loss = dj.LeastSquares(X, y)
-TS = np.concatenate([[0.0], np.geomspace(1e-2, 1e4, 60)])
+TS = np.concatenate([[0.0], np.geomspace(1e-2, 2e3, 60)])
 
 
 def rel(a, b):
@@ -49,8 +49,9 @@ def rel(a, b):
 
 # %% [markdown]
 # ## 1. Simulated limits against the Bregman projection
-# Six inits at depth 3 (zero-first and Gaussian, scales 0.3 to 1.5), simulated in one batch until
-# the loss has dropped by 1e-24 (the exact crossing time, status `event`), with tight tolerances.
+# Six inits at depth 3 (zero-first and Gaussian, scales 0.3 to 1.5), simulated in one batch to
+# t = 2000 with tight tolerances (rtol = 1e-12, atol = 1e-14); by then the loss is below 1e-24 of
+# its start.
 
 # %%
 L = 3
@@ -58,8 +59,7 @@ keys = jax.random.split(jax.random.PRNGKey(1), 4)
 u0 = jnp.stack([dj.zero_first_init(L, d, 0.3), dj.zero_first_init(L, d, 1.0)]
                + [dj.gaussian_init(k, L, d, s) for k, s in zip(keys, (0.3, 0.6, 1.0, 1.5))])
 lim = dj.implicit_bias_limit(X, y, u0)
-tr = dj.simulate(loss, u0, t1=TS[-1], ts=TS, stop_ratio=1e-24, rtol=1e-12, atol=1e-14,
-                 max_steps=100_000)
+tr = dj.simulate(loss, u0, t1=TS[-1], ts=TS, rtol=1e-12, atol=1e-14, max_steps=100_000)
 err = rel(tr.theta_final, lim.theta)
 print("Newton:", lim.status_name, "iterations", np.asarray(lim.iterations))
 print("simulation:", tr.status_name, "t_final", np.array2string(np.asarray(tr.t_final), precision=1))
@@ -77,11 +77,13 @@ ax.legend(fontsize=7)
 fig.tight_layout()
 
 # %% [markdown]
-# **Check.** Every run ends with status `event`, every Newton solve with `success`, and the
-# simulated end point is within 1e-8 (relative) of `implicit_bias_limit`; both interpolate.
+# **Check.** Every run ends with status `success` and a loss below 1e-24 of its start, every
+# Newton solve with `success`, and the simulated end point is within 1e-8 (relative) of
+# `implicit_bias_limit`, which interpolates.
 
 # %%
-assert np.all(tr.status_name == "event") and np.all(lim.status_name == "success")
+assert np.all(tr.status_name == "success") and np.all(lim.status_name == "success")
+assert np.all(np.asarray(tr.loss_final) <= 1e-24 * np.asarray(tr.loss[:, 0]))
 assert np.all(err <= 1e-8), err
 assert np.all(np.asarray(lim.residual) <= 1e-10)
 
@@ -94,7 +96,10 @@ assert np.all(np.asarray(lim.residual) <= 1e-10)
 
 # %%
 l1 = dj.weighted_l1_interpolator(X, y)
+# Each depth compiles its own Newton solve (~6 s of CPU): the reduced size shows L = 2 and 3.
+DEPTHS = (2, 3, 4) if FULL else (2, 3)
 ALPHAS = {2: np.geomspace(1e-1, 1e-16, B), 3: np.geomspace(1e-1, 1e-4, B), 4: np.geomspace(1e-1, 1e-3, B)}
+ALPHAS = {L: ALPHAS[L] for L in DEPTHS}
 dist_l1 = {}
 for L, alphas in ALPHAS.items():
     assert np.allclose(dj.small_init_limit(X, y, dj.zero_first_init(L, d, 0.1)), l1, atol=1e-12)
@@ -143,7 +148,7 @@ assert dist_l1[2][-1] > 1e4 * dist_l1[3][-1]
 l2 = np.linalg.pinv(X) @ y
 BIG = np.geomspace(1.0, 16.0, B)
 dist_l2 = {}
-for L in (2, 3, 4):
+for L in DEPTHS:
     k = dj.kernel_limit(X, y, dj.zero_first_init(L, d, 2.0))
     assert np.allclose(k, l2, rtol=0, atol=1e-12)
     res = dj.implicit_bias_limit(X, y, jnp.stack([dj.zero_first_init(L, d, a) for a in BIG]))
@@ -155,7 +160,7 @@ for L in (2, 3, 4):
     assert abs(slopes[-1] + 2 * L) <= 0.05, (L, slopes)
 
 fig, ax = plt.subplots(figsize=(6, 3.6))
-for L in (2, 3, 4):
+for L in DEPTHS:
     ax.loglog(BIG, dist_l2[L], "o-", color=f"C{L}", label=f"L = {L}")
     ax.loglog(BIG, dist_l2[L][-1] * (BIG / BIG[-1]) ** (-2 * L), ":", color=f"C{L}", lw=1)
 ax.set(xlabel="α", ylabel="‖θ∞(α) − X⁺y‖/‖X⁺y‖", title="large α: the minimum-ℓ2 interpolator (dotted: α^−2L)")
@@ -196,8 +201,8 @@ def woodworth_limit(alpha, tol=1e-14):
 
 WALPHAS = np.geomspace(1e-2, 3.0, B)
 u_signed = jnp.stack([jnp.full((2, 2, d), a) for a in WALPHAS])  # w±(0) = α, shape (B, 2, L, d)
-trs = dj.simulate(loss, u_signed, model="signed", t1=TS[-1], ts=TS, stop_ratio=1e-24,
-                  rtol=1e-12, atol=1e-14, max_steps=100_000)
+trs = dj.simulate(loss, u_signed, model="signed", t1=TS[-1], ts=TS, rtol=1e-12, atol=1e-14,
+                  max_steps=100_000)
 wood = np.stack([woodworth_limit(a) for a in WALPHAS])
 prod = dj.implicit_bias_limit(X, y, jnp.stack([dj.zero_first_init(2, d, 2 * a) for a in WALPHAS]))
 err_sim = rel(trs.theta_final, wood)
@@ -215,12 +220,13 @@ ax.legend(fontsize=8)
 fig.tight_layout()
 
 # %% [markdown]
-# **Checks.** The signed runs end with `event`; their end points and the product model's limits at
+# **Checks.** The signed runs end with `success` (loss below 1e-24 of its start); their end points and the product model's limits at
 # 2α are within 1e-8 of Woodworth's minimizer; that minimizer satisfies the optimality condition
 # ∇Q_α(θ) ∈ range(Xᵀ) (to 1e-10, relative) and interpolates.
 
 # %%
-assert np.all(trs.status_name == "event") and np.all(prod.status_name == "success")
+assert np.all(trs.status_name == "success") and np.all(prod.status_name == "success")
+assert np.all(np.asarray(trs.loss_final) <= 1e-24 * np.asarray(trs.loss[:, 0]))
 assert np.all(err_sim <= 1e-8) and np.all(err_prod <= 1e-8), (err_sim, err_prod)
 P = np.linalg.pinv(X) @ X  # projector onto range(Xᵀ)
 for a, th in zip(WALPHAS, wood):
