@@ -577,7 +577,7 @@ def effective_implicit_bias(X, y, u0, u_final):
     """The implicit-bias limit of the flow from the effective init of a discrete run
     (`implicit_bias_limit(X, y, effective_init(u0, u_final))`), to compare with where the
     run ended. **Returns:** an [`ddln_jax.ImplicitBias`][]."""
-    from ._theory import implicit_bias_limit
+    from ._implicit_bias import implicit_bias_limit
 
     return implicit_bias_limit(X, y, effective_init(u0, u_final))
 

@@ -37,8 +37,9 @@ class AbstractFormulation(eqx.Module):
     needs_assumption_a: eqx.AbstractClassVar[bool]
 
     def geometry(self, u0) -> Geometry:
-        """The geometry object the vector field needs (built once per run from the init)."""
-        return Geometry(u0)
+        """The geometry object the vector field needs (built once per run from the init; a
+        concrete init without a computable potential is refused only where it is needed)."""
+        return Geometry(u0, require_assumption_a=self.needs_assumption_a)
 
     @abc.abstractmethod
     def initial_state(self, geom: Geometry, u0):

@@ -22,6 +22,8 @@ tied model takes inits with equal layers in each half and runs the untied flow L
 
 from __future__ import annotations
 
+import abc
+
 from typing import ClassVar
 
 import equinox as eqx
@@ -172,25 +174,26 @@ class AbstractModel(eqx.Module):
     """What the layers are and how θ is made from them."""
 
     @property
+    @abc.abstractmethod
     def name(self) -> str:
-        raise NotImplementedError
+        """The model's name in specs and datasets."""
 
+    @abc.abstractmethod
     def check_init(self, u0, name: str = "u0"):
         """Validate concrete layers (one init or a batch); returns a float array."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def formulation(self, formulation) -> AbstractFormulation:
         """The formulation instance for `"layer"`, `"reduced"`, `"mirror"` or `"dual"`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def theta(self, u):
         """θ from layers (any leading batch axes)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def time_factor(self, u0) -> int:
         """How much faster than the untied flow of the same layers this model runs (1, or L
         for tied layers)."""
-        return 1
 
 
 class ProductModel(AbstractModel):
@@ -203,12 +206,7 @@ class ProductModel(AbstractModel):
     def check_init(self, u0, name: str = "u0"):
         if not isinstance(u0, jax.Array) and hasattr(u0, "__array__"):
             u0 = np.asarray(u0)
-        u0 = as_float_array(name, u0, ndim=(2, 3))
-        for i, ui in enumerate(u0 if u0.ndim == 3 else [u0]):
-            _check_product_layers(ui, f"{name}[{i}]" if u0.ndim == 3 else name)
-        if u0.ndim == 3 and u0.shape[0] < 1:
-            raise ValueError(f"`{name}` must hold at least one init, got shape {u0.shape}")
-        return u0
+        return _check_product_layers(u0, name, batch=True)
 
     def formulation(self, formulation) -> AbstractFormulation:
         form = as_formulation(formulation)
@@ -218,6 +216,9 @@ class ProductModel(AbstractModel):
 
     def theta(self, u):
         return jnp.prod(u, axis=-2)
+
+    def time_factor(self, u0) -> int:
+        return 1
 
 
 class SignedModel(AbstractModel):
