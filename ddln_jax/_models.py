@@ -23,7 +23,6 @@ tied model takes inits with equal layers in each half and runs the untied flow L
 from __future__ import annotations
 
 import abc
-
 from typing import ClassVar
 
 import equinox as eqx
@@ -34,8 +33,12 @@ from jaxtyping import Array, Float
 
 from ._flows import AbstractFormulation, as_formulation, layer_products_except
 from ._geometry import Geometry, SignedGeometry, _problem_message, _prod_sqrt, geometry_problems
+from ._implicit_bias import ImplicitBias, _row_space
 from ._init import check_init as _check_product_layers
-from ._validate import as_float_array, is_tracer, positive_int, positive_scalar
+from ._losses import _check_data, as_loss
+from ._small_init import EscapePrediction
+from ._solution import FAILED, INACCURATE, MAX_STEPS, NONFINITE, SUCCESS, status_item
+from ._validate import as_float_array, check_tolerance, is_tracer, positive_int, positive_scalar
 
 # ---------------------------------------------------------------------------------------------
 # Formulations of the signed flow. `args = (loss, SignedGeometry)`.
@@ -376,7 +379,6 @@ _ARMIJO = 1e-4
 def _signed_dual_newton(A, b, u0, rtol, max_iter: int):
     """Newton on min_λ R*(η0 + Aᵀλ) − λ·b (A with orthonormal rows), line search inside the
     domain of R*: gradient A∇R*(η) − b, Hessian A diag(g⁺ + g⁻) Aᵀ (MATH.md §5.3, §8)."""
-    from ._solution import FAILED, INACCURATE, MAX_STEPS, NONFINITE, SUCCESS
 
     geom = SignedGeometry(u0, require_assumption_a=False)
     eta0 = geom.eta0
@@ -454,7 +456,6 @@ _signed_dual_newton_jit = eqx.filter_jit(_signed_dual_newton)
 
 
 def _check_signed_data(X, y, u0, model="signed"):
-    from ._losses import _check_data
 
     X, y = _check_data(X, y)
     u0 = SignedModel().check_init(u0)
@@ -482,9 +483,6 @@ def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int =
     **Returns:** a [`ddln_jax.ImplicitBias`][] (θ∞, η∞ = ∇R(θ∞), its distance `gap` to the
     edge of the domain of R*, the multiplier, D_R(θ∞, θ0), the residual, Newton steps, status).
     """
-    from ._implicit_bias import ImplicitBias, _row_space
-    from ._solution import status_item
-    from ._validate import check_tolerance
 
     X, y, u0 = _check_signed_data(X, y, u0)
     check_signed_geometry(u0, "u0", "the implicit-bias limit")
@@ -532,7 +530,6 @@ def signed_small_init_limit(X, y, u0) -> np.ndarray:
     """
     from scipy.optimize import linprog
 
-    from ._implicit_bias import _row_space
 
     X, y, u0 = _check_signed_data(X, y, u0)
     if u0.ndim != 3:
@@ -622,7 +619,6 @@ def signed_escape_time(loss, u0):
 
     **Returns:** an [`ddln_jax.EscapePrediction`][] (times per coordinate, first, coordinate).
     """
-    from ._losses import as_loss
 
     loss = as_loss(loss)
     if not is_tracer(u0):
@@ -637,7 +633,6 @@ def signed_escape_time(loss, u0):
 
 @eqx.filter_jit
 def _escape_jit(loss, u0):
-    from . import EscapePrediction
 
     geom = SignedGeometry(u0, require_assumption_a=False)
     d = geom.d
