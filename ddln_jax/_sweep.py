@@ -716,9 +716,11 @@ def _alpha_tangent(spec, model, loss, U, idx):
 
 def _with_sensitivities(ds, out, dout) -> xr.Dataset:
     status = np.asarray(out.status)
+    # Save times after a stop record no θ (NaN): nor its derivative (the engine's tangent is 0).
+    theta = np.asarray(out.theta)
     return ds.assign({
-        "dtheta_dalpha": (("run", "time", "coord"), np.asarray(dout.theta)),
-        "dloss_dalpha": (("run", "time"), np.asarray(dout.loss)),
+        "dtheta_dalpha": (("run", "time", "coord"), np.where(np.isnan(theta), np.nan, np.asarray(dout.theta))),
+        "dloss_dalpha": (("run", "time"), np.where(np.isnan(np.asarray(out.loss)), np.nan, np.asarray(dout.loss))),
         "dtheta_final_dalpha": (("run", "coord"), np.asarray(dout.theta_final)),
         # The time to ε moves with α only for runs that reached ε.
         "dtime_to_eps_dalpha": ("run", np.where(status == EVENT, np.asarray(dout.t_final), np.nan)),

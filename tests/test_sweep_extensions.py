@@ -52,9 +52,10 @@ def test_signed_sweep_equals_simulate(signed):
     assert np.all(run.status.values == codes) and np.all(codes == EVENT)
     assert _rel(run.theta.values, tr.theta) <= 1e-8
     np.testing.assert_allclose(run.time_to_eps.values, tr.t_final, rtol=1e-8)
-    np.testing.assert_allclose(run.theta_final.values, tr.theta_final, rtol=1e-8, atol=1e-12)
+    # θ at the located stop, relative to ‖θ‖ (the two solvers locate the event apart by ~1e-9).
+    assert _rel(run.theta_final.values[:, None], np.asarray(tr.theta_final)[:, None]) <= 1e-8
     # θ(t) is still (d,); θ0 = 0 for Woodworth's init; the dataset says which model it holds.
-    assert run.theta.shape == (2, 5, 6) and np.all(run.theta.values[:, 0] == 0)
+    assert run.theta.shape == (2, 5, 6) and np.abs(run.theta.values[:, 0]).max() <= 1e-15
     assert ds.attrs["model"] == "signed" and ds.attrs["n_failed"] == 0
 
 
@@ -116,11 +117,11 @@ def test_gd_sweep_equals_train():
 def test_alpha_sensitivities():
     """d/dα of θ(t), θ_final and the time to ε: equal to `simulate_jvp(..., lanes=...)` along
     du0 = u0/α, and to a central difference of the runs at α ± h in the same sweep."""
-    a, h = 0.5, 1e-3
+    a, h = 0.5, 2.5e-4
     raw = {
         "problem": PROBLEM,
         "init": {"scheme": "gaussian", "alpha": [a - h, a, a + h], "seeds": [3]},
-        "run": {"depths": [2], "t1": 30.0, "n_save": 4, "stop_ratio": 1e-3, "rtol": 1e-12,
+        "run": {"depths": [2], "t1": 20.0, "save_times": [0.0, 0.5, 1.0, 20.0], "stop_ratio": 1e-2, "rtol": 1e-12,
                 "atol": 1e-14, "sensitivities": ["alpha"]},
         "engine": {"lanes": 1},
     }
@@ -134,7 +135,9 @@ def test_alpha_sensitivities():
                               t1=spec.run.t1, ts=spec.save_times, stop_ratio=spec.run.stop_ratio,
                               rtol=spec.run.rtol, atol=spec.run.atol, max_steps=spec.run.max_steps)
     np.testing.assert_allclose(run.theta.values, tr.theta, rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(run.dtheta_dalpha.values, dtr.theta, rtol=1e-10, atol=1e-12)
+    rec = ~np.isnan(np.asarray(tr.theta))  # simulate_jvp's tangent is 0 where θ is not recorded
+    np.testing.assert_array_equal(~np.isnan(run.dtheta_dalpha.values), rec)
+    np.testing.assert_allclose(run.dtheta_dalpha.values[rec], np.asarray(dtr.theta)[rec], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(run.dtheta_final_dalpha.values, dtr.theta_final, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(run.dtime_to_eps_dalpha.values, dtr.t_final, rtol=1e-10)
     # Central differences (tolerances 1e-12: the solver's error over 2h stays below 1e-6).
@@ -143,7 +146,8 @@ def test_alpha_sensitivities():
     np.testing.assert_allclose(mid.dtheta_final_dalpha.values, fd("theta_final"),
                                rtol=1e-6, atol=1e-6 * np.abs(fd("theta_final")).max())
     np.testing.assert_allclose(float(mid.dtime_to_eps_dalpha), fd("time_to_eps"), rtol=1e-6)
-    # θ(t) at the save times before the stop (the last one may come after it for α ± h).
+    # θ(t) at the save times before the stop; after it θ and its derivative are not recorded.
+    assert np.all(np.isnan(run.dtheta_dalpha.values[:, -1])) and np.all(np.isnan(run.theta.values[:, -1]))
     np.testing.assert_allclose(mid.dtheta_dalpha.values[1:3], fd("theta")[1:3], rtol=1e-6,
                                atol=1e-6 * np.abs(fd("theta")[1:3]).max())
 
