@@ -31,10 +31,16 @@ import xarray as xr
 
 from ._batch import difficulty, lanes_for, run_queue
 from ._engine import EngineConfig
-from ._flows import as_formulation
 from ._init import INIT_SCHEMES, gaussian_init
 from ._losses import CallableLoss, as_loss
-from ._models import SignedModel, as_model, check_signed_geometry, shape_scale_init, signed_gaussian_init, woodworth_init
+from ._models import (
+    SignedModel,
+    as_model,
+    check_signed_geometry,
+    shape_scale_init,
+    signed_gaussian_init,
+    woodworth_init,
+)
 from ._problems import Problem, custom_problem, make_problem
 from ._results import ResultStore, StoreError, load_dataset
 from ._solution import EVENT, SUCCESS
@@ -481,8 +487,11 @@ def sweep(spec, out=None, *, loss=None, inits=None, progress: bool = True, devic
     `seed` (or `init`), `time`, `coord` (and `row` for the data): `loss`, `theta`, `bregman`
     (when defined), `theta_final`, `time_to_eps`, `status`, `steps`, `t_final`, `f0`, `c0`,
     `conservation_drift`, the problems (`X`, `y`, `theta_star`, `theta_min`, `f_star`,
-    `pl_mu`); attributes hold the spec, the package versions and engine statistics. A shard
-    that did not complete the sweep returns None.
+    `pl_mu`); attributes hold the spec, the model, the method, the package versions and engine
+    statistics. Discrete runs (`[run] method = "gd"`, ...) add a `learning_rate` dimension, the
+    `time` axis holds the saved steps k and the coordinate `t` = k·η; `[run] sensitivities =
+    ["alpha"]` adds `dtheta_dalpha`, `dloss_dalpha`, `dtheta_final_dalpha` and
+    `dtime_to_eps_dalpha`. A shard that did not complete the sweep returns None.
 
     **Raises:** `SpecError` (the spec, or sizes past this machine), `StoreError` (the
     directory), `ValueError`/`TypeError` (the arguments) — all before anything is compiled.
@@ -870,7 +879,7 @@ def load_trajectories(out, **selection) -> xr.DataArray:
     if not parts:
         raise ValueError(f"no run of {str(root)!r} matches {selection}")
     flat = xr.concat(parts, dim="run").set_index(run=list(dims)).unstack("run")
-    return flat["theta"].transpose(*[d for d in (*dims, "time", "coord") if d in flat["theta"].dims])
+    return flat["theta"].transpose(*[d for d in (*dims, "learning_rate", "time", "coord") if d in flat["theta"].dims])
 
 
 def _assemble(spec, runs, problems_ds, pieces, bregman_note, devices, inputs) -> xr.Dataset:

@@ -102,7 +102,7 @@ def test_gd_sweep_equals_train():
     saves = np.array([0, 30, 60, 90])
     np.testing.assert_array_equal(ds.time.values, saves)
     np.testing.assert_allclose(ds.t.values, lrs[:, None] * saves[None, :], rtol=1e-15)
-    for r, lr in enumerate(lrs):
+    for lr in lrs:
         tr = dj.train(loss, U, optax.sgd(lr), steps=90, saves=saves)
         codes = np.asarray(status_codes(tr.status))
         for i, (a, k) in enumerate(grid):
