@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+import xarray as xr
 
 import ddln_jax as dj
 from ddln_jax._problems import make_problem
@@ -83,16 +84,24 @@ def test_tied_signed_sweep_equals_simulate(signed):
     assert ds.attrs["model"] == "signed_tied"
 
 
-def test_gd_sweep_equals_train():
+def test_gd_sweep_equals_train(tmp_path):
     """A gd sweep: every (init, η) is `dj.train` of the same init with optax.sgd(η), saved at
-    the spec's save times as fractions of the run (k = round(steps·t/t1)), t = k·η."""
+    the spec's save times as fractions of the run (k = round(steps·t/t1)), t = k·η; an
+    interrupted one resumes to the same dataset."""
     raw = {
         "problem": PROBLEM,
         "init": {"scheme": "gaussian", "alpha": [0.3, 0.8], "seeds": [0, 1]},
         "run": {"depths": [2], "t1": 1.0, "n_save": 4, "method": "gd",
                 "learning_rates": [0.05, 0.2], "steps": 90},
+        "engine": {"chunk_size": 2},
     }
-    ds = dj.sweep(raw, progress=False)
+    ds = dj.sweep(raw, tmp_path, progress=False)
+    # Interrupted after one chunk: the other is recomputed, the kept one reused.
+    (tmp_path / "results.nc").unlink()
+    sorted((tmp_path / "chunks").glob("*.nc"))[0].unlink()
+    again = dj.sweep(raw, tmp_path, progress=False)
+    xr.testing.assert_identical(again.drop_attrs(), ds.drop_attrs())
+    assert dj.load_trajectories(tmp_path, alpha=0.3).dims == ("depth", "problem", "shape", "alpha", "seed", "learning_rate", "time", "coord")
     spec = dj.SweepSpec.from_dict(raw)
     loss = _loss(raw)
     lrs = np.array(spec.run.learning_rates)
