@@ -285,6 +285,7 @@ def footprint(spec: SweepSpec, inputs: _Inputs, n_devices: int, out) -> dict[str
     runs = {L: inputs.runs_per_depth(L) for L in depths}
     total = sum(runs.values()) * len(spec.problem.seeds)
     rows = spec.problem.n if spec.problem.kind in ("sparse_regression", "logistic", "data") else 0
+    n_save *= max(1, len(spec.run.learning_rates))  # discrete runs: θ(t) per learning rate
     keep_theta = 8 * total * n_save * d <= _THETA_BYTES
     per_run = n_save * (d + 3) * 8
     chunk = max(1, min(spec.engine.chunk_size, _CHUNK_BYTES // max(1, 8 * n_save * d)))
@@ -293,7 +294,7 @@ def footprint(spec: SweepSpec, inputs: _Inputs, n_devices: int, out) -> dict[str
     return {
         "one run's saved θ(t)": 8 * n_save * d,
         "problem data": 8 * rows * d * len(spec.problem.seeds) * 3,
-        "inits": 8 * sum(runs[L] * L for L in depths) * d,
+        "inits": 8 * sum(runs[L] * L for L in depths) * d * (2 if spec.model.kind == "signed" else 1),
         "engine (per device)": lanes * _LANE_WORDS * max(depths) * d * 8 + size * per_run,
         "dataset in memory": total * (n_save * (3 + (d if keep_theta else 0)) + 2 * d + 16) * 8,
         "disk": total * (per_run + 2 * d * 8) if out is not None else 0,
