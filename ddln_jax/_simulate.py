@@ -476,7 +476,10 @@ def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, at
     pick = (lambda x: jnp.asarray(x)) if batch else (lambda x: jnp.asarray(x[0]))
     d = {"theta": dout.theta, "loss": dout.loss, "t_final": dout.t_final,
          "theta_final": dout.theta_final, "loss_final": dout.loss_final, "bregman": dout.bregman}
-    return traj, _tangent_of(traj, {k: pick(v) for k, v in d.items()})
+    # Where the run recorded nothing (saves after a stop), the derivative is NaN too.
+    d = {k: jnp.where(jnp.isnan(getattr(traj, k)), jnp.nan, pick(v))
+         if getattr(traj, k) is not None else pick(v) for k, v in d.items()}
+    return traj, _tangent_of(traj, d)
 
 
 def _tangent_of(traj: Trajectory, floats: dict) -> Trajectory:

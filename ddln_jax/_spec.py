@@ -434,8 +434,6 @@ def _run(raw, source, scheme, model: ModelSpec = ModelSpec()) -> RunSpec:
     depths = _list(source, "run", "depths", r.get("depths", list(dr.depths)),
                    lambda v: _int(source, "run", "depths", v, 1))
     formulation = _choice(source, "run", "formulation", r.get("formulation", dr.formulation), tuple(FORMULATIONS))
-    if formulation in ("mirror", "dual") and scheme == "balanced":
-        raise _err(source, "run", "formulation", f"{formulation!r} needs Assumption A, which the balanced init violates; use 'reduced'")
     t1 = _float(source, "run", "t1", r.get("t1", dr.t1))
     if "save_times" in r and "n_save" in r:
         raise _err(source, "run", "save_times", "give either n_save or save_times, not both")

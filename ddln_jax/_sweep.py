@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 
 from ._batch import difficulty, lanes_for, run_queue
+from ._bounds import c0 as theory_c0
 from ._engine import EngineConfig
 from ._init import INIT_SCHEMES, gaussian_init
 from ._losses import CallableLoss, as_loss
@@ -53,10 +54,6 @@ _SIGNED_INITS = {
     "shape_scale": shape_scale_init,
 }
 
-try:
-    from ._bounds import c0 as theory_c0
-except ImportError:  # pragma: no cover - before the split of _theory
-    from ._theory import c0 as theory_c0
 
 # Memory allowed for one chunk's saved trajectories (θ at every save time).
 _CHUNK_BYTES = 512 * 2**20
