@@ -165,8 +165,6 @@ def test_cli_default_sweep_at_reduced_size(smoke, tmp_path, capsys):
         ({"run": {"n_save": 30_000_000}}, r"\[run\] n_save: must be ≤ 1000000"),
         ({"engine": {"lanes": 0}}, r"\[engine\] lanes: must be ≥ 1, got 0"),
         ({"problem": {"kind": "custom"}}, r"\[problem\] n: not used with kind = 'custom'"),
-        ({"run": {"formulation": "mirror"}, "init": {"scheme": "balanced", "seeds": [0]}},
-         r"\[run\] formulation: 'mirror' needs Assumption A"),
     ],
 )
 def test_malformed_specs_name_the_file_and_key(tmp_path, patch, match):
