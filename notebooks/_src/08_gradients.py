@@ -24,6 +24,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # the library never flips this for you
 import time
+import warnings
 
 import diffrax
 import jax.numpy as jnp
@@ -32,6 +33,10 @@ import numpy as np
 import optax
 
 import ddln_jax as dj
+
+with warnings.catch_warnings():  # tqdm's notice about Jupyter widgets (the engine imports it)
+    warnings.simplefilter("ignore")
+    import tqdm.auto  # noqa: F401
 
 FULL = False  # True: the full size (meant for an accelerator)
 T0, C0 = time.perf_counter(), time.process_time()
@@ -79,7 +84,7 @@ assert rel(jnp.vdot(g_X, E), fd_X) <= 1e-6
 
 # %% [markdown]
 # ## 2. Forward mode: the derivative of the time to ε, with and without the lane engine
-# Three scales α ∈ {0.5, 0.8, 1.5}; each run stops when f ≤ ε f(θ0) (ε = 1e-6). Along the direction
+# Two scales α ∈ {0.7, 1.5}; each run stops when f ≤ ε f(θ0) (ε = 1e-6). Along the direction
 # du0 = u0/α, `simulate_jvp` differentiates everything the run records; the tangent of `t_final`
 # is d t_ε/dα (and the threshold itself moves with f(θ0)). The same call with `lanes=2` runs
 # the batch on the lane engine in forward mode. Saving only at `ts = [0, t1]` keeps the save
@@ -87,7 +92,7 @@ assert rel(jnp.vdot(g_X, E), fd_X) <= 1e-6
 # compiled forward-mode call.
 
 # %%
-alphas = jnp.array([0.5, 0.8, 1.5])
+alphas = jnp.array([0.7, 1.5])
 U = alphas[:, None, None] * v
 loss = dj.LeastSquares(X, y)
 kw_run = dict(t1=200.0, ts=jnp.array([0.0, 200.0]), stop_ratio=1e-6, rtol=1e-11, atol=1e-13)
@@ -133,7 +138,8 @@ plt.show()
 # ## 3. The implicit-bias limit, differentiated with respect to the data and the init
 # For a scalar readout w·θ∞ (w random), `jax.grad` through `dj.implicit_bias_limit` gives its
 # gradient with respect to X and to u0, by the implicit function theorem on the KKT system
-# (Xθ = y, ∇Q(θ) = ∇Q(θ0) + Xᵀμ). The limit itself is the end point of a long simulation.
+# (Xθ = y, ∇Q(θ) = ∇Q(θ0) + Xᵀμ). (That the limit is where the flow ends is checked by
+# simulation in section 4, and in notebook 05.)
 
 # %%
 u0 = 0.3 * v
@@ -156,11 +162,6 @@ print(f"⟨∂(w·θ∞)/∂u0, E⟩: {float(jnp.vdot(gl_u, Eu)):.10f} vs {float
       f"rel {rel(jnp.vdot(gl_u, Eu), fdl_u):.1e}")
 assert rel(jnp.vdot(gl_X, E), fdl_X) <= 1e-6
 assert rel(jnp.vdot(gl_u, Eu), fdl_u) <= 1e-6
-limit = dj.implicit_bias_limit(X, y, u0)
-long = dj.simulate(loss, u0, t1=1e4, ts=jnp.array([0.0, 1e4]), solver=diffrax.Tsit5(),
-                   rtol=1e-12, atol=1e-14)
-print(f"max |θ(1e4) − θ∞| = {float(jnp.max(jnp.abs(long.theta_final - limit.theta))):.1e}")
-assert limit.converged and float(jnp.max(jnp.abs(long.theta_final - limit.theta))) <= 1e-8
 
 # %% [markdown]
 # ## 4. Worked example: learning an init shape that recovers sparse θ* from few samples
@@ -185,7 +186,7 @@ assert limit.converged and float(jnp.max(jnp.abs(long.theta_final - limit.theta)
 
 # %%
 d2, n2, k2, L2, alpha2 = 20, 6, 3, 3, 0.05
-n_train, n_steps, n_test = (128, 200, 500) if FULL else (24, 40, 20)
+n_train, n_steps, n_test = (128, 200, 500) if FULL else (24, 25, 20)
 rng = np.random.default_rng(0)
 S = np.sort(rng.choice(d2, 6, replace=False))
 
