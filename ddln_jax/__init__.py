@@ -23,6 +23,13 @@ from ._flows import (
     MirrorFlow as MirrorFlow,
     ReducedFlow as ReducedFlow,
 )
+from ._solvers import (
+    Auto as Auto,
+    FlowField as FlowField,
+    PolynomialInterpolation as PolynomialInterpolation,
+    Rodas4 as Rodas4,
+    natural_scale as natural_scale,
+)
 from ._solution import Status as Status, Trajectory as Trajectory
 from ._simulate import simulate as simulate, simulate_jvp as simulate_jvp
 from ._spec import SpecError as SpecError, SweepSpec as SweepSpec
