@@ -45,31 +45,24 @@ FULL = False  # True: the full size (meant for an accelerator)
 T0, C0 = time.perf_counter(), time.process_time()
 
 
-def spec_dict(spec):
-    """`spec.to_dict()` in the form `SweepSpec.from_dict` reads back (it refuses the
-    `data_sha256` key that `to_dict` writes for every problem kind)."""
-    raw = spec.to_dict()
-    if raw["problem"].get("data_sha256") is None:
-        raw["problem"].pop("data_sha256", None)
-    return raw
-
-
-if FULL:
-    spec = spec_dict(dj.SweepSpec.default())
-    spec["init"]["alpha"] = list(np.geomspace(0.35, 2.0, 8))
-    spec["init"]["seeds"] = list(range(16))
-    spec["run"]["depths"] = [2, 3, 4, 5]
-    spec["run"].pop("save_times")
-    spec["run"].update(n_save=101, save_spacing="log")
+if FULL:  # the shipped default spec (`dj.SweepSpec.default()`), wider and with more seeds
+    raw = {
+        "problem": {"kind": "sparse_regression", "n": 20, "d": 60, "sparsity": 3, "seeds": [0]},
+        "init": {"scheme": "gaussian", "alpha": {"geomspace": [0.35, 2.0, 8]},
+                 "seeds": list(range(16))},
+        "run": {"depths": [2, 3, 4, 5], "t1": 3000.0, "n_save": 101, "save_spacing": "log",
+                "stop_ratio": 1e-6, "rtol": 1e-8, "atol": 1e-10},
+        "engine": {"lanes": 64, "chunk_size": 512},
+    }
 else:
-    spec = {
+    raw = {
         "problem": {"kind": "sparse_regression", "n": 8, "d": 16, "sparsity": 2, "seeds": [0]},
         "init": {"scheme": "gaussian", "alpha": {"geomspace": [0.5, 2.0, 3]}, "seeds": [0, 1]},
         "run": {"depths": [2, 3], "t1": 300.0, "n_save": 41, "save_spacing": "log",
                 "stop_ratio": 1e-4, "rtol": 1e-10, "atol": 1e-12},
         "engine": {"lanes": 4, "chunk_size": 12},
     }
-spec = dj.SweepSpec.from_dict(spec)  # validated now: a typo fails here, naming section and key
+spec = dj.SweepSpec.from_dict(raw)  # validated now: a typo fails here, naming section and key
 print(json.dumps({k: v for k, v in spec.to_dict()["init"].items()}, default=float))
 
 # %% [markdown]
@@ -181,7 +174,6 @@ print(f"rerun: {t_again:.2f} s (first: {t_shard + t_rest:.1f} s)")
 assert again.identical(ds)
 assert {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("*")} == stamps
 assert t_again < 0.25 * (t_shard + t_rest), (t_again, t_shard + t_rest)
-raw = spec_dict(spec)
 other = dj.SweepSpec.from_dict({**raw, "run": {**raw["run"], "t1": 1.01 * raw["run"]["t1"]}})
 try:
     dj.sweep(other, out, progress=False)
