@@ -111,7 +111,7 @@ def _others(u: Float[Array, "L d"]) -> Float[Array, "L d"]:
 
 def layer_grad(loss: AbstractLoss, u: Float[Array, "L d"]) -> Float[Array, "L d"]:
     """∇_u F(u) for F(u) = f(u¹ ⊙ … ⊙ u^L): row j is (∏_{k≠j} u^k) ⊙ ∇f(θ)."""
-    return _others(u) * loss.grad(jnp.prod(u, axis=0))
+    return _others(u) * loss.grad(jnp.prod(u, axis=0))[None]
 
 
 def _layer_objective(loss):
@@ -530,9 +530,9 @@ def gd_drift(loss, u, learning_rate) -> tuple[Float[Array, "L d"], Float[Array, 
     m = jnp.argmin(u**2, axis=0)
     P = _others(u)
     g = loss.grad(jnp.prod(u, axis=0))
-    u_new = u - learning_rate * (P * g)
+    u_new = u - learning_rate * (P * g[None])
     pick = lambda a: jnp.take_along_axis(a, m[None], axis=0)
-    pred = learning_rate**2 * g**2 * (P**2 - pick(P) ** 2)
+    pred = learning_rate**2 * g[None] ** 2 * (P**2 - pick(P) ** 2)
     dsq = (u_new - u) * (u_new + u)
     actual = dsq - pick(dsq)
     return pred, actual

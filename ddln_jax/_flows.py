@@ -82,7 +82,7 @@ class LayerFlow(AbstractFormulation):
 
     def vector_field(self, t, y, args):
         loss, _ = args
-        return -layer_products_except(y) * loss.grad(jnp.prod(y, axis=0))
+        return -layer_products_except(y) * loss.grad(jnp.prod(y, axis=0))[None]
 
 
 class ReducedFlow(AbstractFormulation):

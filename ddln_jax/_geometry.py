@@ -586,7 +586,7 @@ class Geometry(eqx.Module):
         am = jnp.take_along_axis(a, m[None], axis=0)[0]
         # (|u_j| − |u_m|)(|u_j| + |u_m|) ≥ 0: exactly 0 at a tie (also under jit), and no
         # cancellation for close layers.
-        self.delta_full = (a - am) * (a + am)
+        self.delta_full = (a - am[None]) * (a + am[None])
         self.delta = jnp.sort(self.delta_full, axis=0)[1:]
         self.m = m
         self.signs = _sign(u0)
