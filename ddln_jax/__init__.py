@@ -30,7 +30,7 @@ from ._solvers import (
     Rodas4 as Rodas4,
     natural_scale as natural_scale,
 )
-from ._solution import Status as Status, Trajectory as Trajectory
+from ._solution import Status as Status, Trajectory as Trajectory, status_names as status_names
 from ._simulate import simulate as simulate, simulate_jvp as simulate_jvp
 from ._spec import SpecError as SpecError, SweepSpec as SweepSpec
 from ._sweep import (

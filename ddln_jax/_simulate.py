@@ -26,7 +26,7 @@ from ._solution import (
     event_root_finder,
     status_item,
 )
-from ._solvers import Auto, FlowField
+from ._solvers import Auto, FlowField, Rodas4
 from ._validate import (
     _short,
     as_float_array,
@@ -441,7 +441,6 @@ def simulate(
 
 def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, atol, max_steps,
                         target, stop, theta_star, progress, tangent, batch):
-    from tqdm.auto import tqdm
 
     U = np.asarray(u0 if batch else u0[None])
     B = U.shape[0]
@@ -450,11 +449,17 @@ def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, at
         formulation=form, solver=solver, lanes=min(lanes, max(1, -(-B // len(devices)))),
         n_save=len(ts), stop=stop, bregman=theta_star is not None, round_steps=2000,
     )
-    bar = tqdm(total=B, disable=not progress, unit="run")
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=B, unit="run")
+    else:
+        bar = None
     seen = [0]
 
     def on_jobs(n):
-        bar.update(n - seen[0])
+        if bar is not None:
+            bar.update(n - seen[0])
         seen[0] = n
 
     if tangent is not None:
@@ -467,7 +472,8 @@ def _simulate_on_engine(loss, u0, form, solver, lanes, devices, ts, t1, rtol, at
             devices=devices, on_jobs=on_jobs, tangent=tangent,
         )
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     out, stats = (res[0], res[2]) if tangent is not None else res
     traj = _engine_trajectory(out, stats, form, ts, U.dtype, batch, theta_star is not None)
     if tangent is None:
@@ -530,6 +536,12 @@ def simulate_jvp(loss, u0, du0, **kwargs) -> tuple[Trajectory, Trajectory]:
     forward mode (its while loop carries the tangents), and the two agree run by run.
     """
     lanes = kwargs.pop("lanes", None)
+    if lanes is not None and not isinstance(kwargs.get("solver", Auto()), (Auto, Rodas4)):
+        # diffrax's Runge–Kutta steps carry a custom VJP, which forward mode cannot enter.
+        raise ValueError(
+            "forward mode on the lane engine (`lanes=`) supports the `Auto` and `Rodas4` solvers, "
+            f"got {type(kwargs['solver']).__name__}; drop `lanes` to use another solver"
+        )
     du0 = as_float_array("du0", du0)
     if np.shape(du0) != np.shape(u0):
         raise ValueError(f"`du0` must have the shape of `u0` {np.shape(u0)}, got {np.shape(du0)}")
