@@ -918,7 +918,11 @@ def _assemble(spec, runs, problems_ds, pieces, bregman_note, devices, inputs) ->
 
 
 def _progress(total, enabled):
-    from tqdm.auto import tqdm
+    # tqdm.auto only when a bar is wanted (it warns in notebooks without ipywidgets).
+    if enabled:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
 
     return tqdm(total=total, disable=not enabled, unit="run", desc="sweep", dynamic_ncols=True)
 
