@@ -84,8 +84,9 @@ from ._discrete import (
     train_runs as train_runs,
 )
 from ._sde import sgd_noise_factor as sgd_noise_factor, sgd_sde as sgd_sde
-# Signed networks θ = θ⁺ − θ⁻ and model objects (MATH.md §8)
+# Signed networks θ = θ⁺ − θ⁻ and model objects (docs/math.md, "Signed models")
 from ._geometry import SignedGeometry as SignedGeometry, geometry_problems as geometry_problems
+from ._implicit_bias import signed_implicit_bias_limit as signed_implicit_bias_limit
 from ._models import (
     AbstractModel as AbstractModel,
     ProductModel as ProductModel,
@@ -98,7 +99,6 @@ from ._models import (
     shape_scale_init as shape_scale_init,
     signed_escape_time as signed_escape_time,
     signed_gaussian_init as signed_gaussian_init,
-    signed_implicit_bias_limit as signed_implicit_bias_limit,
     signed_kernel_limit as signed_kernel_limit,
     signed_small_init_limit as signed_small_init_limit,
     woodworth_init as woodworth_init,

@@ -1025,3 +1025,18 @@ class SignedGeometry(eqx.Module):
     Q = R
     Q_star = R_star
     hess_Q_diag = hess_R_diag
+
+
+def check_signed_geometry(u0, name: str = "u0", why: str = "the mirror geometry"):
+    """`u0` (shape `(2, L, d)` or `(B, 2, L, d)`) unchanged, or a clear `ValueError` when a
+    half-coordinate has no computable potential (see [`ddln_jax.geometry_problems`][])."""
+    un = np.asarray(u0)
+    for i, ui in enumerate(un if un.ndim == 4 else [un]):
+        stacked = np.concatenate([ui[0], ui[1]], axis=-1)
+        problems = geometry_problems(stacked)
+        if problems:
+            d = ui.shape[-1]
+            problems = {k: np.unique(v % d) for k, v in problems.items()}
+            label = f"{name}[{i}]" if un.ndim == 4 else name
+            raise ValueError(_problem_message(label, problems) + f" ({why} needs it)")
+    return u0

@@ -35,14 +35,20 @@ regime); both are here, next to the exact limit they approximate.
 
 from __future__ import annotations
 
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ._geometry import _W, _X, Geometry, _quad_integrand
+from ._geometry import (
+    _W,
+    _X,
+    Geometry,
+    SignedGeometry,
+    _quad_integrand,
+    check_signed_geometry,
+)
 from ._init import check_assumption_a, check_init
 from ._losses import _check_data
 from ._solution import (
@@ -57,6 +63,7 @@ from ._solution import (
     status_names,
 )
 from ._validate import as_float_array, check_tolerance, is_tracer, positive_int, positive_scalar
+
 
 class ImplicitBias(eqx.Module):
     """The result of [`ddln_jax.implicit_bias_limit`][] (leading batch axes come first).
@@ -475,8 +482,10 @@ def implicit_bias_limit(
             if not report.holds:
                 raise ValueError(
                     f"`{name}` violates Assumption A (ties at coordinates "
-                    f"{report.tied[:10].tolist()}): D_Q and the implicit-bias limit are not "
-                    "defined on ℝ^d there. Perturb the init."
+                    f"{report.tied[:10].tolist()}): this solver needs a unique smallest layer "
+                    "per coordinate. For balanced (half-line) coordinates use "
+                    "`signed_implicit_bias_limit(X, y, jnp.stack([u0, jnp.zeros_like(u0)]))` "
+                    "(a signed network with a frozen minus half), or perturb the init."
                 )
         rtol = positive_scalar("rtol", rtol)
     else:
@@ -646,3 +655,150 @@ def kernel_limit(X, y, u0) -> Float[Array, " d"]:
     G = geom.metric_w(geom.reduce(u0))
     K = (X * G) @ X.T
     return theta0 + G * (X.T @ (jnp.linalg.pinv(K, hermitian=True) @ (y - X @ theta0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Signed networks θ = θ⁺ − θ⁻ (and product inits with balanced, half-line coordinates, which are
+# signed networks with a frozen minus half): Newton on the d-dimensional dual of R.
+
+_LS_MAX = 60
+_ARMIJO = 1e-4
+
+
+def _signed_dual_newton(A, b, u0, rtol, max_iter: int):
+    """Newton on min_λ R*(η0 + Aᵀλ) − λ·b (A with orthonormal rows), line search inside the
+    domain of R*: gradient A∇R*(η) − b, Hessian A diag(g⁺ + g⁻) Aᵀ (MATH.md §5.3, §8)."""
+
+    geom = SignedGeometry(u0, require_assumption_a=False)
+    eta0 = geom.eta0
+    eps = jnp.finfo(A.dtype).eps
+    bnorm = jnp.linalg.norm(b)
+    absA = jnp.abs(A)
+
+    def evaluate(lam):
+        eta = eta0 + A.T @ lam
+        theta, g, rstar = geom.dual_terms(eta)
+        obj = rstar - lam @ b
+        grad = A @ theta - b
+        ok = jnp.all(jnp.isfinite(theta)) & jnp.all(jnp.isfinite(g)) & jnp.isfinite(obj)
+        # What rounding leaves of the residual: θ = ∇R*(η) carries g·eps·|η| (and eps·θ±).
+        floor = 16 * eps * (jnp.linalg.norm(absA @ (jnp.abs(theta) + g * jnp.abs(eta))) + bnorm)
+        return obj, grad, g, ok, floor
+
+    def classify(grad, floor, accepted):
+        r = jnp.linalg.norm(grad)
+        return jnp.where(
+            r <= rtol * bnorm, SUCCESS,
+            jnp.where(r <= floor, INACCURATE,
+                      jnp.where(accepted, -1, jnp.where(r <= 4 * floor, INACCURATE, FAILED))),
+        )
+
+    def cond(carry):
+        it, _, _, _, _, _, status = carry
+        return (status < 0) & (it < max_iter)
+
+    def body(carry):
+        it, lam, obj, grad, g, floor, _ = carry
+        # √g-scaled least squares instead of forming A G Aᵀ (g spans many orders).
+        sg = jnp.sqrt(g)
+        Q, R = jnp.linalg.qr(sg[:, None] * A.T)
+        z = jax.scipy.linalg.solve_triangular(R.T, grad, lower=True)
+        p = -jax.scipy.linalg.solve_triangular(R, z, lower=False)
+        dec = z @ z
+        gnorm = jnp.linalg.norm(grad)
+
+        def ls_cond(state):
+            _, k, accepted = state
+            return (~accepted) & (k < _LS_MAX)
+
+        def ls_body(state):
+            step, k, _ = state
+            o, gr, _, ok, _ = evaluate(lam + step * p)
+            armijo = o <= obj - _ARMIJO * step * dec
+            resid = jnp.linalg.norm(gr) <= (1 - _ARMIJO * step) * gnorm
+            accepted = ok & (armijo | resid)
+            return jnp.where(accepted, step, 0.5 * step), k + 1, accepted
+
+        finite_p = jnp.all(jnp.isfinite(p))
+        step, _, accepted = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), A.dtype), 0, ~finite_p))
+        accepted = accepted & finite_p
+        lam_new = jnp.where(accepted, lam + step * p, lam)
+        o, gr, gg, _, fl = evaluate(lam_new)
+        status = jnp.where(~finite_p, NONFINITE, classify(gr, fl, accepted))
+        return it + 1, lam_new, o, gr, gg, fl, status.astype(jnp.int32)
+
+    lam = jnp.zeros(A.shape[0], A.dtype)
+    obj, grad, g, ok, floor = evaluate(lam)
+    status = jnp.where(~ok, NONFINITE, classify(grad, floor, True)).astype(jnp.int32)
+    it, lam, _, grad, _, _, status = jax.lax.while_loop(cond, body, (0, lam, obj, grad, g, floor, status))
+    status = jnp.where(status < 0, MAX_STEPS, status).astype(jnp.int32)
+    eta = eta0 + A.T @ lam
+    theta, _, rstar = geom.dual_terms(eta)
+    _, _, rstar0 = geom.dual_terms(eta0)
+    bregman = jnp.sum(theta * (eta - eta0)) - (rstar - rstar0)
+    lo, hi = geom.eta_bounds
+    gap = jnp.minimum(hi - eta, eta - lo)
+    return theta, eta, gap, lam, bregman, it, status
+
+
+_signed_dual_newton_jit = eqx.filter_jit(_signed_dual_newton)
+
+
+def _check_signed_data(X, y, u0, model="signed"):
+
+    X, y = _check_data(X, y)
+    if not isinstance(u0, jax.Array) and hasattr(u0, "__array__"):
+        u0 = np.asarray(u0)
+    u0 = as_float_array("u0", u0, ndim=(3, 4))
+    if u0.shape[-3] != 2 or u0.shape[-2] < 1 or u0.shape[-1] < 1:
+        raise ValueError(
+            f"`u0` of a signed network must have shape (2, L, d) or (B, 2, L, d) (index 0 = the "
+            f"+ half), got shape {tuple(u0.shape)}"
+        )
+    if u0.shape[-1] != X.shape[1]:
+        raise ValueError(f"`u0` has d = {u0.shape[-1]} coordinates but `X` has {X.shape[1]} columns")
+    return X, y, u0
+
+
+def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int = 200):
+    """The limit of the signed flow on interpolating least squares: argmin {D_R(θ, θ0) : Xθ = y}.
+
+    Newton's method on the d-dimensional dual min_λ R*(∇R(θ0) + Xᵀλ) − λ·y, R*(η) =
+    Q⁺*(η) + Q⁻*(c − η) (MATH.md §8), with a backtracking line search that keeps η where R* is
+    finite. Any init whose halves have a computable geometry (balanced halves — Woodworth's
+    init — included); tied and untied layers have the same limit. The same point is the limit
+    of the product problem on [X, −X] from the stacked halves.
+
+    **Arguments:**
+
+    - `X`: design matrix, shape `(n, d)`; `y`: targets in range(X), shape `(n,)`.
+    - `u0`: the layers, shape `(2, L, d)`, or `(B, 2, L, d)` for a batch.
+    - `rtol`: target relative residual ‖Xθ − y‖/‖y‖.
+    - `max_iter`: Newton step budget.
+
+    **Returns:** a [`ddln_jax.ImplicitBias`][] (θ∞, η∞ = ∇R(θ∞), its distance `gap` to the
+    edge of the domain of R*, the multiplier, D_R(θ∞, θ0), the residual, Newton steps, status).
+    """
+
+    X, y, u0 = _check_signed_data(X, y, u0)
+    check_signed_geometry(u0, "u0", "the implicit-bias limit")
+    rtol = positive_scalar("rtol", rtol)
+    max_iter = positive_int("max_iter", max_iter)
+    dtype = jnp.result_type(X.dtype, y.dtype, u0.dtype)
+    check_tolerance("rtol", rtol, dtype)
+    U, s, Vt, b = _row_space(X, y)
+    A, b = jnp.asarray(Vt, dtype), jnp.asarray(b, dtype)
+    run = lambda u: _signed_dual_newton_jit(A, b, u.astype(dtype), jnp.asarray(rtol, dtype), max_iter)
+    if u0.ndim == 3:
+        out = run(u0)
+    else:
+        outs = [run(u) for u in u0]
+        out = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+    theta, eta, gap, lam, bregman, it, status = out
+    multiplier = jnp.asarray((np.asarray(lam) / s) @ U.T, dtype)
+    Xf, yf = np.asarray(X, np.float64), np.asarray(y, np.float64)
+    res = np.linalg.norm(np.asarray(theta) @ Xf.T - yf, axis=-1)
+    ynorm = np.linalg.norm(yf)
+    residual = jnp.asarray(res / ynorm if ynorm > 0 else res, dtype)
+    return ImplicitBias(theta=theta, eta=eta, gap=gap, multiplier=multiplier, bregman=bregman,
+                        residual=residual, iterations=it, status=status_item(status))

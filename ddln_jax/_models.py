@@ -32,13 +32,17 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._flows import AbstractFormulation, as_formulation, layer_products_except
-from ._geometry import Geometry, SignedGeometry, _problem_message, _prod_sqrt, geometry_problems
-from ._implicit_bias import ImplicitBias, _row_space
+from ._geometry import (
+    Geometry,
+    SignedGeometry,
+    _prod_sqrt,
+    check_signed_geometry,
+)
+from ._implicit_bias import _check_signed_data, _row_space
 from ._init import check_init as _check_product_layers
-from ._losses import _check_data, as_loss
+from ._losses import as_loss
 from ._small_init import EscapePrediction
-from ._solution import FAILED, INACCURATE, MAX_STEPS, NONFINITE, SUCCESS, status_item
-from ._validate import as_float_array, check_tolerance, is_tracer, positive_int, positive_scalar
+from ._validate import as_float_array, is_tracer, positive_int, positive_scalar
 
 # ---------------------------------------------------------------------------------------------
 # Formulations of the signed flow. `args = (loss, SignedGeometry)`.
@@ -354,159 +358,8 @@ def signed_gaussian_init(key, L: int, d: int, alpha: float, *, dtype=None) -> Fl
     return alpha * jax.random.normal(key, (2, L, d), dtype=dtype or jnp.result_type(float))
 
 
-def check_signed_geometry(u0, name: str = "u0", why: str = "the mirror geometry"):
-    """`u0` (shape `(2, L, d)` or `(B, 2, L, d)`) unchanged, or a clear `ValueError` when a
-    half-coordinate has no computable potential (see [`ddln_jax.geometry_problems`][])."""
-    un = np.asarray(u0)
-    for i, ui in enumerate(un if un.ndim == 4 else [un]):
-        stacked = np.concatenate([ui[0], ui[1]], axis=-1)
-        problems = geometry_problems(stacked)
-        if problems:
-            d = ui.shape[-1]
-            problems = {k: np.unique(v % d) for k, v in problems.items()}
-            label = f"{name}[{i}]" if un.ndim == 4 else name
-            raise ValueError(_problem_message(label, problems) + f" ({why} needs it)")
-    return u0
-
-
 # ---------------------------------------------------------------------------------------------
 # Where the signed flow ends on least squares, and how long it sits at the saddle.
-
-_LS_MAX = 60
-_ARMIJO = 1e-4
-
-
-def _signed_dual_newton(A, b, u0, rtol, max_iter: int):
-    """Newton on min_λ R*(η0 + Aᵀλ) − λ·b (A with orthonormal rows), line search inside the
-    domain of R*: gradient A∇R*(η) − b, Hessian A diag(g⁺ + g⁻) Aᵀ (MATH.md §5.3, §8)."""
-
-    geom = SignedGeometry(u0, require_assumption_a=False)
-    eta0 = geom.eta0
-    eps = jnp.finfo(A.dtype).eps
-    bnorm = jnp.linalg.norm(b)
-    absA = jnp.abs(A)
-
-    def evaluate(lam):
-        eta = eta0 + A.T @ lam
-        theta, g, rstar = geom.dual_terms(eta)
-        obj = rstar - lam @ b
-        grad = A @ theta - b
-        ok = jnp.all(jnp.isfinite(theta)) & jnp.all(jnp.isfinite(g)) & jnp.isfinite(obj)
-        # What rounding leaves of the residual: θ = ∇R*(η) carries g·eps·|η| (and eps·θ±).
-        floor = 16 * eps * (jnp.linalg.norm(absA @ (jnp.abs(theta) + g * jnp.abs(eta))) + bnorm)
-        return obj, grad, g, ok, floor
-
-    def classify(grad, floor, accepted):
-        r = jnp.linalg.norm(grad)
-        return jnp.where(
-            r <= rtol * bnorm, SUCCESS,
-            jnp.where(r <= floor, INACCURATE,
-                      jnp.where(accepted, -1, jnp.where(r <= 4 * floor, INACCURATE, FAILED))),
-        )
-
-    def cond(carry):
-        it, _, _, _, _, _, status = carry
-        return (status < 0) & (it < max_iter)
-
-    def body(carry):
-        it, lam, obj, grad, g, floor, _ = carry
-        # √g-scaled least squares instead of forming A G Aᵀ (g spans many orders).
-        sg = jnp.sqrt(g)
-        Q, R = jnp.linalg.qr(sg[:, None] * A.T)
-        z = jax.scipy.linalg.solve_triangular(R.T, grad, lower=True)
-        p = -jax.scipy.linalg.solve_triangular(R, z, lower=False)
-        dec = z @ z
-        gnorm = jnp.linalg.norm(grad)
-
-        def ls_cond(state):
-            _, k, accepted = state
-            return (~accepted) & (k < _LS_MAX)
-
-        def ls_body(state):
-            step, k, _ = state
-            o, gr, _, ok, _ = evaluate(lam + step * p)
-            armijo = o <= obj - _ARMIJO * step * dec
-            resid = jnp.linalg.norm(gr) <= (1 - _ARMIJO * step) * gnorm
-            accepted = ok & (armijo | resid)
-            return jnp.where(accepted, step, 0.5 * step), k + 1, accepted
-
-        finite_p = jnp.all(jnp.isfinite(p))
-        step, _, accepted = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), A.dtype), 0, ~finite_p))
-        accepted = accepted & finite_p
-        lam_new = jnp.where(accepted, lam + step * p, lam)
-        o, gr, gg, _, fl = evaluate(lam_new)
-        status = jnp.where(~finite_p, NONFINITE, classify(gr, fl, accepted))
-        return it + 1, lam_new, o, gr, gg, fl, status.astype(jnp.int32)
-
-    lam = jnp.zeros(A.shape[0], A.dtype)
-    obj, grad, g, ok, floor = evaluate(lam)
-    status = jnp.where(~ok, NONFINITE, classify(grad, floor, True)).astype(jnp.int32)
-    it, lam, _, grad, _, _, status = jax.lax.while_loop(cond, body, (0, lam, obj, grad, g, floor, status))
-    status = jnp.where(status < 0, MAX_STEPS, status).astype(jnp.int32)
-    eta = eta0 + A.T @ lam
-    theta, _, rstar = geom.dual_terms(eta)
-    _, _, rstar0 = geom.dual_terms(eta0)
-    bregman = jnp.sum(theta * (eta - eta0)) - (rstar - rstar0)
-    lo, hi = geom.eta_bounds
-    gap = jnp.minimum(hi - eta, eta - lo)
-    return theta, eta, gap, lam, bregman, it, status
-
-
-_signed_dual_newton_jit = eqx.filter_jit(_signed_dual_newton)
-
-
-def _check_signed_data(X, y, u0, model="signed"):
-
-    X, y = _check_data(X, y)
-    u0 = SignedModel().check_init(u0)
-    if u0.shape[-1] != X.shape[1]:
-        raise ValueError(f"`u0` has d = {u0.shape[-1]} coordinates but `X` has {X.shape[1]} columns")
-    return X, y, u0
-
-
-def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int = 200):
-    """The limit of the signed flow on interpolating least squares: argmin {D_R(θ, θ0) : Xθ = y}.
-
-    Newton's method on the d-dimensional dual min_λ R*(∇R(θ0) + Xᵀλ) − λ·y, R*(η) =
-    Q⁺*(η) + Q⁻*(c − η) (MATH.md §8), with a backtracking line search that keeps η where R* is
-    finite. Any init whose halves have a computable geometry (balanced halves — Woodworth's
-    init — included); tied and untied layers have the same limit. The same point is the limit
-    of the product problem on [X, −X] from the stacked halves.
-
-    **Arguments:**
-
-    - `X`: design matrix, shape `(n, d)`; `y`: targets in range(X), shape `(n,)`.
-    - `u0`: the layers, shape `(2, L, d)`, or `(B, 2, L, d)` for a batch.
-    - `rtol`: target relative residual ‖Xθ − y‖/‖y‖.
-    - `max_iter`: Newton step budget.
-
-    **Returns:** a [`ddln_jax.ImplicitBias`][] (θ∞, η∞ = ∇R(θ∞), its distance `gap` to the
-    edge of the domain of R*, the multiplier, D_R(θ∞, θ0), the residual, Newton steps, status).
-    """
-
-    X, y, u0 = _check_signed_data(X, y, u0)
-    check_signed_geometry(u0, "u0", "the implicit-bias limit")
-    rtol = positive_scalar("rtol", rtol)
-    max_iter = positive_int("max_iter", max_iter)
-    dtype = jnp.result_type(X.dtype, y.dtype, u0.dtype)
-    check_tolerance("rtol", rtol, dtype)
-    U, s, Vt, b = _row_space(X, y)
-    A, b = jnp.asarray(Vt, dtype), jnp.asarray(b, dtype)
-    run = lambda u: _signed_dual_newton_jit(A, b, u.astype(dtype), jnp.asarray(rtol, dtype), max_iter)
-    if u0.ndim == 3:
-        out = run(u0)
-    else:
-        outs = [run(u) for u in u0]
-        out = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
-    theta, eta, gap, lam, bregman, it, status = out
-    multiplier = jnp.asarray((np.asarray(lam) / s) @ U.T, dtype)
-    Xf, yf = np.asarray(X, np.float64), np.asarray(y, np.float64)
-    res = np.linalg.norm(np.asarray(theta) @ Xf.T - yf, axis=-1)
-    ynorm = np.linalg.norm(yf)
-    residual = jnp.asarray(res / ynorm if ynorm > 0 else res, dtype)
-    return ImplicitBias(theta=theta, eta=eta, gap=gap, multiplier=multiplier, bregman=bregman,
-                        residual=residual, iterations=it, status=status_item(status))
-
 
 def signed_small_init_limit(X, y, u0) -> np.ndarray:
     """The α → 0 limit of the signed implicit bias along the ray of inits α·`u0`: a weighted-ℓ1

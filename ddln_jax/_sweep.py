@@ -32,12 +32,12 @@ import xarray as xr
 from ._batch import difficulty, lanes_for, run_queue
 from ._bounds import c0 as theory_c0
 from ._engine import EngineConfig
+from ._geometry import check_signed_geometry
 from ._init import INIT_SCHEMES, gaussian_init
 from ._losses import CallableLoss, as_loss
 from ._models import (
     SignedModel,
     as_model,
-    check_signed_geometry,
     shape_scale_init,
     signed_gaussian_init,
     woodworth_init,
