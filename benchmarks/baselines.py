@@ -169,7 +169,7 @@ def _step_stats(traj) -> dict:
 
 def reference(work: Workload, *, max_steps: int = 1 << 20) -> dict:
     """θ at `ts` from a tight-tolerance solve: the reduced flow (exactly the layer flow's θ,
-    MATH.md), `diffrax.Dopri8()`, rtol 1e-12, atol 1e-14, vmapped over the inits.
+    docs/math.md), `diffrax.Dopri8()`, rtol 1e-12, atol 1e-14, vmapped over the inits.
 
     **Returns:** dict with `theta` `(B, n_save, d)`, `time_s` (one call, compilation
     included), step statistics. Raises if any run did not succeed.

@@ -1,6 +1,6 @@
 """Discrete training on the layers beside the flow: any optax optimizer, batched over step
 sizes, inits and SGD seeds in one compiled `jax.lax.scan`; the per-step drift of the gaps
-(MATH.md §5.6), the effective initialization, and the largest stable step.
+(docs/math.md, "Related facts"), the effective initialization, and the largest stable step.
 
 Conventions follow [`ddln_jax.Trajectory`][]: leading batch axes first, a per-run `Status`,
 saved values after a run stopped (diverged) hold NaN, and the time axis is t = k·η when the
@@ -509,7 +509,7 @@ def _describe(optimizer, batch_size) -> str:
 
 
 def gd_drift(loss, u, learning_rate) -> tuple[Float[Array, "L d"], Float[Array, "L d"]]:
-    """The exact per-step drift of the gaps under one gradient-descent step (MATH.md §5.6).
+    """The exact per-step drift of the gaps under one gradient-descent step (docs/math.md, "Related facts").
 
     One step u⁺ = u − η ∇_u F(u) changes every gap by, exactly,
     Δ((u^j)² − (u^m)²) = η² (∂f)² [(∏_{l≠j} u^l)² − (∏_{l≠m} u^l)²], m the smallest layer of
@@ -548,7 +548,7 @@ def effective_init(u0, u_final) -> Float[Array, "*batch L d"]:
     """The effective initialization of a discrete run: the init whose gradient flow has the
     gaps the run ended with, and starts from the same θ0.
 
-    Its layers keep the sign and smallest-layer convention of MATH.md §2 read at the end of
+    Its layers keep the sign and smallest-layer convention of docs/math.md §2 read at the end of
     the run: with m the smallest layer of `u_final`, δ_j = u_final^j² − u_final^m² and
     σ = sign ∏_{j≠m} u_final^j, the smallest layer is w = ψ_δ⁻¹(θ0) (so ∏ u_eff = θ0) and
     u_eff^j = sign(u_final^j)·√(w² + δ_j). The flow from it has the mirror potential Q_δ of the

@@ -1,4 +1,4 @@
-"""Per-coordinate mirror geometry of an initialization (MATH.md §2, §3, §7).
+"""Per-coordinate mirror geometry of an initialization (docs/math.md, "Conserved quantities and reduction", "Mirror flow and potential", "Robust computation").
 
 From the layers at t = 0 we keep, per coordinate i: the smallest layer m_i, the gaps
 δ_{j,i} = u^j_i(0)² − u^m_i(0)² (j ≠ m_i), the sign σ_i, and the signs of the layers.
@@ -262,7 +262,7 @@ _phi_inv = _implicit_inverse(_phi, lambda w, d: 1 / _prod_sqrt(w, d), _phi_inv_s
 
 
 # ---------------------------------------------------------------------------------------------
-# Half-line coordinates (MATH.md §4, §8). When every gap of a coordinate is 0 (a balanced
+# Half-line coordinates (docs/math.md, "Assumption A and the balanced (half-line) geometry"). When every gap of a coordinate is 0 (a balanced
 # coordinate: |u^j_i(0)| equal for all j), w keeps the sign s of w0 and Φ diverges at 0, so ∇Q
 # is anchored at the init instead of at 0 (only differences of ∇Q matter):
 #     Φ(w) = ∫_{w0}^{w} dr/|r|^K = s·ℓ (K = 1),   s·|w0|^{-p}(1 − e^{−pℓ})/p (K ≥ 2, p = K − 1),
@@ -530,7 +530,7 @@ class Geometry(eqx.Module):
     Construct it with `Geometry(u0)`: `u0` has shape `(L, d)`. Coordinatewise maps take and
     return arrays of shape `(d,)`; `Q`, `Q_star` and `bregman` return scalars (Q is separable).
 
-    Three kinds of coordinates coexist (MATH.md §3, §4, §8):
+    Three kinds of coordinates coexist (docs/math.md, "Mirror flow and potential", "Assumption A and the balanced (half-line) geometry"):
 
     - **untied** (a unique smallest layer, Assumption A): Q is finite on ℝ, normalized by
       Q(0) = 0 and ∇Q(0) = 0;
@@ -719,7 +719,7 @@ class Geometry(eqx.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Signed networks θ = θ⁺ − θ⁻ (MATH.md §8). Each half is a product network with its own
+# Signed networks θ = θ⁺ − θ⁻ (docs/math.md, "Signed models"). Each half is a product network with its own
 # geometry; we keep both in one `Geometry` on 2d coordinates, [+ half | − half]. With
 # η = ∇Q⁺(θ⁺), the sum ∇Q⁺(θ⁺) + ∇Q⁻(θ⁻) = c is conserved, and θ = ∇R*(η) with
 # R*(η) = Q⁺*(η) + Q⁻*(c − η). Going back from θ to η (∇R) is a monotone scalar equation per
@@ -823,7 +823,7 @@ def _eta_of_theta_jvp(primals, tangents):
 
 
 class SignedGeometry(eqx.Module):
-    """The mirror geometry of a signed network θ = θ⁺ − θ⁻, θ± = ∏_j u^{±j} (MATH.md §8).
+    """The mirror geometry of a signed network θ = θ⁺ − θ⁻, θ± = ∏_j u^{±j} (docs/math.md, "Signed models").
 
     Construct it with `SignedGeometry(u0)`, `u0` of shape `(2, L, d)` (index 0 = the + half).
     θ follows the mirror flow θ̇ = −(g⁺(θ⁺) + g⁻(θ⁻)) ⊙ ∇f(θ) with potential R, whose conjugate

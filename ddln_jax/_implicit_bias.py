@@ -667,7 +667,7 @@ _ARMIJO = 1e-4
 
 def _signed_dual_newton(A, b, u0, rtol, max_iter: int):
     """Newton on min_λ R*(η0 + Aᵀλ) − λ·b (A with orthonormal rows), line search inside the
-    domain of R*: gradient A∇R*(η) − b, Hessian A diag(g⁺ + g⁻) Aᵀ (MATH.md §5.3, §8)."""
+    domain of R*: gradient A∇R*(η) − b, Hessian A diag(g⁺ + g⁻) Aᵀ (docs/math.md, "Implicit bias" and "Signed models")."""
 
     geom = SignedGeometry(u0, require_assumption_a=False)
     eta0 = geom.eta0
@@ -764,7 +764,7 @@ def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int =
     """The limit of the signed flow on interpolating least squares: argmin {D_R(θ, θ0) : Xθ = y}.
 
     Newton's method on the d-dimensional dual min_λ R*(∇R(θ0) + Xᵀλ) − λ·y, R*(η) =
-    Q⁺*(η) + Q⁻*(c − η) (MATH.md §8), with a backtracking line search that keeps η where R* is
+    Q⁺*(η) + Q⁻*(c − η) (docs/math.md, "Signed models"), with a backtracking line search that keeps η where R* is
     finite. Any init whose halves have a computable geometry (balanced halves — Woodworth's
     init — included); tied and untied layers have the same limit. The same point is the limit
     of the product problem on [X, −X] from the stacked halves.

@@ -46,7 +46,7 @@ def balanced_init(L: int, d: int, alpha: float, *, dtype=None) -> Float[Array, "
 
 
 def zero_first_init(L: int, d: int, alpha: float, *, dtype=None) -> Float[Array, "L d"]:
-    """u¹ = 0 and u^j = α for j ≥ 2, so θ0 = 0 and δ_j = α² (MATH.md §3)."""
+    """u¹ = 0 and u^j = α for j ≥ 2, so θ0 = 0 and δ_j = α² (docs/math.md, "Mirror flow and potential")."""
     L, d = _check_dims(L, d)
     dtype = dtype or jnp.result_type(float)
     alpha = real_scalar("alpha", alpha, dtype, positive=True)

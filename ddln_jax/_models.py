@@ -1,4 +1,4 @@
-"""Models: the product network θ = ∏_j u^j and the signed network θ = θ⁺ − θ⁻ (MATH.md §8).
+"""Models: the product network θ = ∏_j u^j and the signed network θ = θ⁺ − θ⁻ (docs/math.md, "Signed models").
 
 A model says what the layers are (their shape), how θ is made from them, and which
 formulations of the gradient flow exist. The signed model θ = ∏_j u^{+j} − ∏_j u^{−j} is the
@@ -320,7 +320,7 @@ def woodworth_init(L: int, d: int, alpha: float, *, dtype=None) -> Float[Array, 
     """Woodworth et al.'s init w±(0) = α: every layer of both halves equal to α (θ0 = 0).
 
     Balanced halves: each half lives on a half-line (θ± > 0), and the model's potential is
-    Woodworth's Q_α^L (MATH.md §8). Usable with the tied and the untied signed model.
+    Woodworth's Q_α^L (docs/math.md, "Signed models"). Usable with the tied and the untied signed model.
 
     **Returns:** an array of shape `(2, L, d)`.
     """
@@ -334,7 +334,7 @@ def shape_scale_init(L: int, d: int, alpha: float, shape: float = 1.0, *, dtype=
     u^{±j} = α for j ≥ 2.
 
     For L = 2 this is u⁺ = u⁻ = u₀ = shape·α, v⁺ = v⁻ = v₀ = α: the limit depends on
-    u₀² + v₀² = α²(1 + shape²) only (MATH.md §8). `shape = 1` is Woodworth's init. For L ≥ 3,
+    u₀² + v₀² = α²(1 + shape²) only (docs/math.md, "Signed models"). `shape = 1` is Woodworth's init. For L ≥ 3,
     shape > 1 ties the L − 1 smallest layers while the first is larger (a partial tie: the
     layer and reduced formulations only); shape < 1 gives every half-coordinate a unique
     smallest layer.

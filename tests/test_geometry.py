@@ -64,7 +64,7 @@ def test_depth_two_is_the_hyperbolic_entropy():
 
 
 def test_depth_three_is_an_elliptic_integral():
-    """Φ(w) = F(arctan(w/b) | 1 − b²/a²)/a for gaps b² < a² (MATH.md §3)."""
+    """Φ(w) = F(arctan(w/b) | 1 − b²/a²)/a for gaps b² < a² (docs/math.md, "Mirror flow and potential")."""
     a, b = 1.7, 0.4
     g = geometry_with_gaps([b**2, a**2], 5)
     ws = np.array([1e-6, 0.1, 1.0, 25.0, -400.0])
@@ -186,7 +186,7 @@ def test_partial_tie_gets_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# Half-line geometry of balanced coordinates (MATH.md §4, §8), frozen coordinates, and inits
+# Half-line geometry of balanced coordinates (docs/math.md, "Assumption A and the balanced (half-line) geometry"), frozen coordinates, and inits
 # the geometry cannot represent (issue 9, item 9).
 
 

@@ -1,4 +1,4 @@
-"""Signed networks θ = θ⁺ − θ⁻ (MATH.md §8): potentials in closed form, the four formulations,
+"""Signed networks θ = θ⁺ − θ⁻ (docs/math.md, "Signed models"): potentials in closed form, the four formulations,
 the implicit-bias limit and its small/large-α limits, Azulay's shape result, tied layers."""
 
 import math
@@ -45,7 +45,7 @@ _woodworth_maps = jax.jit(
 @pytest.mark.parametrize("alpha", [0.3, 2.0])
 def test_woodworth_depth_two_closed_form(alpha):
     """R = (α²/2)Σ q(θ_i/α²), q(z) = 2 − √(4 + z²) + z asinh(z/2); ∇R = ½asinh(z/2);
-    ∇²R = 1/(2√(4α⁴ + θ²)) — to ≤ 1e-12 relative (MATH.md §6, §8)."""
+    ∇²R = 1/(2√(4α⁴ + θ²)) — to ≤ 1e-12 relative (docs/math.md §6, §8)."""
     th = np.array([1e-3, -0.05, 0.7, -3.0, 40.0, -900.0])
     g = SignedGeometry(woodworth_init(2, th.size, alpha))
     R, eta, hess, grad, back = (np.asarray(x) for x in _woodworth_maps(g, jnp.asarray(th)))
@@ -265,7 +265,7 @@ def test_large_alpha_tends_to_l2(data):
 
 def test_azulay_shape_result(data):
     """L = 2, u⁺ = u⁻ = u₀, v⁺ = v⁻ = v₀: the limit depends on u₀² + v₀² only, and the whole
-    trajectory is the product model's from u¹(0) = √(2(u₀² + v₀²)), u²(0) = 0 (MATH.md §8)."""
+    trajectory is the product model's from u¹(0) = √(2(u₀² + v₀²)), u²(0) = 0 (docs/math.md, "Signed models")."""
     X, y = data
     d = X.shape[1]
     scale2 = 0.5  # u₀² + v₀² = α²(1 + shape²)
