@@ -13,13 +13,13 @@ import pytest
 import ddln_jax as dj
 from ddln_jax._flows import ReducedFlow
 from ddln_jax._geometry import SignedGeometry
+from ddln_jax._implicit_bias import signed_implicit_bias_limit
 from ddln_jax._models import (
     SignedModel,
     as_model,
     shape_scale_init,
     signed_escape_time,
     signed_gaussian_init,
-    signed_implicit_bias_limit,
     signed_kernel_limit,
     signed_small_init_limit,
     woodworth_init,

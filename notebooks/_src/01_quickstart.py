@@ -109,7 +109,7 @@ U = U.at[0].set(u0)  # run 0 is the network above
 start = time.perf_counter()
 batch = dj.simulate(loss, U, t1=t1, ts=ts, lanes=8)
 print(f"{B} runs in {time.perf_counter() - start:.1f} s, lane efficiency "
-      f"{float(batch.stats['lane_efficiency']):.2f}, steps from {int(batch.num_steps.min())} "
+      f"{float(batch.stats['lane_efficiency'][0]):.2f}, steps from {int(batch.num_steps.min())} "
       f"to {int(batch.num_steps.max())}")
 assert np.all(batch.succeeded)
 # run 0 is the network above, here at the default tolerances (rtol 1e-8): same θ(t) to 1e-6
