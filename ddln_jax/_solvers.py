@@ -22,6 +22,7 @@ engine, under `jax.vmap`. Both share one dense output, [`ddln_jax.PolynomialInte
 
 from __future__ import annotations
 
+import abc
 import functools
 from typing import ClassVar
 
@@ -114,28 +115,31 @@ def natural_scale(formulation, geometry: Geometry, u0: Float[Array, "L d"]) -> A
 class AbstractJacobian(eqx.Module):
     """The Jacobian of a vector field on the flattened state."""
 
+    @abc.abstractmethod
     def matvec(self, v: Float[Array, " N"]) -> Float[Array, " N"]:
-        raise NotImplementedError
+        """J·v."""
 
+    @abc.abstractmethod
     def as_matrix(self) -> Float[Array, "N N"]:
-        raise NotImplementedError
+        """J as a dense matrix."""
 
+    @abc.abstractmethod
     def factor(self, c) -> "AbstractFactor":
         """A factorization of I − c·J (c = γh, a scalar)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def scaled(self, sign) -> "AbstractJacobian":
         """The Jacobian of `sign` times the field."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def cost_ratio(self) -> float:
         """Rough cost of a Rodas4 step over an explicit 6-stage step, from the shapes (static)."""
-        raise NotImplementedError
 
 
 class AbstractFactor(eqx.Module):
+    @abc.abstractmethod
     def solve(self, r: Float[Array, " N"]) -> Float[Array, " N"]:
-        raise NotImplementedError
+        """x with (I − c·J) x = r."""
 
 
 class DenseJacobian(AbstractJacobian):
