@@ -81,6 +81,19 @@ class Training(eqx.Module):
     method: str = eqx.field(static=True, default="optax")
 
     @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.t_final.shape)
+
+    def __getitem__(self, k):
+        """Run(s) `k` of a batch (any NumPy index on the batch axes), as `Trajectory[k]`; the
+        saved step indices, shared by every run, are kept whole."""
+        if not self.batch_shape:
+            raise IndexError("this Training is a single run; there is no batch axis to index")
+        step = self.step
+        out = jax.tree_util.tree_map(lambda x: x[k], eqx.tree_at(lambda t: t.step, self, None))
+        return eqx.tree_at(lambda t: t.step, out, step, is_leaf=lambda x: x is None)
+
+    @property
     def status_name(self):
         """Status as names (a string, or an array of strings for a batch)."""
         return status_names(self.status)
@@ -480,7 +493,7 @@ def train(
     eta_b = jnp.asarray(eta_b, u0.dtype)
     step_f = jnp.asarray(saves_arr, u0.dtype)
     has_eta = bool(np.all(np.isfinite(eta)))
-    ts = eta_b[..., None] * step_f if has_eta else jnp.broadcast_to(step_f, (*batch_shape,
+    ts = eta_b[..., None] * step_f[(None,) * eta_b.ndim] if has_eta else jnp.broadcast_to(step_f, (*batch_shape,
                                                                              len(saves_arr)))
     t_final = eta_b * k_final if has_eta else k_final.astype(u0.dtype)
     out = Training(

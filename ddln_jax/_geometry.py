@@ -55,13 +55,14 @@ def _sign(x):
 
 def _prod_sqrt(w, delta):
     """∏_j √(w² + δ_j) over the gap axis (1 when there are no gaps)."""
-    return jnp.prod(jnp.sqrt(w**2 + delta), axis=0)
+    return jnp.prod(jnp.sqrt(w[None] ** 2 + delta), axis=0)
 
 
 def _sat(w, delta):
     """w²/(w² + δ_j), with its limit 1 at w = δ_j = 0 (a tie)."""
-    den = w**2 + delta
-    return jnp.where(den > 0, w**2 / jnp.where(den > 0, den, 1.0), 1.0)
+    w2 = w[None] ** 2
+    den = w2 + delta
+    return jnp.where(den > 0, w2 / jnp.where(den > 0, den, 1.0), 1.0)
 
 
 def _psi(w, delta):
@@ -77,13 +78,14 @@ def _quad_integrand(s, delta):
     d1 = delta[0][..., None]
     rest = delta[1:][..., None]
     sh2 = jnp.sinh(s) ** 2
-    return jnp.prod(jax.lax.rsqrt(d1 * sh2 + rest), axis=0)
+    return jnp.prod(jax.lax.rsqrt((d1 * sh2)[None] + rest), axis=0)
 
 
 def _phi_of_s(s, delta, rule=(_X, _W)):
     """∫_0^s k for s ≥ 0 (L ≥ 3), by the composite rule."""
-    x = jnp.asarray(rule[0], dtype=s.dtype)
-    wts = jnp.asarray(rule[1], dtype=s.dtype)
+    lead = (1,) * jnp.ndim(s)  # the node axis is appended explicitly (no rank promotion)
+    x = jnp.asarray(rule[0], dtype=s.dtype).reshape(lead + (-1,))
+    wts = jnp.asarray(rule[1], dtype=s.dtype).reshape(lead + (-1,))
     nodes = s[..., None] * x
     return s * jnp.sum(wts * _quad_integrand(nodes, delta), axis=-1)
 
@@ -194,9 +196,9 @@ def _psi_inv_solve(theta, delta):
 
     def step(state):
         (v,) = state
-        lae = jnp.logaddexp(2 * v, logd)
+        lae = jnp.logaddexp(2 * v[None], logd)
         h = v + 0.5 * jnp.sum(lae, axis=0)
-        dh = 1 + jnp.sum(jnp.exp(2 * v - lae), axis=0)
+        dh = 1 + jnp.sum(jnp.exp(2 * v[None] - lae), axis=0)
         return (v - (h - c) / dh,)
 
     def tol(old, new):
@@ -326,7 +328,7 @@ def _phi_all(w, delta, w0):
         return w
     tied, partial, frozen = _kinds(delta, w0)
     special = tied | partial
-    out = _phi(jnp.where(special, 0.0, w), jnp.where(special, 1.0, delta))
+    out = _phi(jnp.where(special, 0.0, w), jnp.where(special[None], 1.0, delta))
     half = tied & ~frozen
     t = _tied_phi(jnp.where(half, w, 1.0), jnp.where(half, w0, 1.0), K)
     out = jnp.where(half, t, jnp.where(frozen, 0.0, out))
@@ -346,7 +348,7 @@ def _phi_inv_all(eta, delta, w0):
         jnp.all(special),
         lambda e, dl: jnp.zeros_like(e),
         lambda e, dl: _phi_inv(e, dl),
-        jnp.where(special, 0.0, eta), jnp.where(special, 1.0, delta),
+        jnp.where(special, 0.0, eta), jnp.where(special[None], 1.0, delta),
     )
     half = tied & ~frozen
     w0s = jnp.where(half, w0, 1.0)
@@ -360,7 +362,7 @@ def _psi_inv_all(theta, delta, w0):
     if K == 0:
         return theta
     tied, _, _ = _kinds(delta, w0)
-    out = _psi_inv(jnp.where(tied, 0.0, theta), jnp.where(tied, 1.0, delta))
+    out = _psi_inv(jnp.where(tied, 0.0, theta), jnp.where(tied[None], 1.0, delta))
     ok = tied & (theta != 0)
     ts = jnp.where(ok, theta, 1.0)
     root = _sign(ts) * jnp.abs(ts) ** (1.0 / (K + 1))
@@ -375,7 +377,7 @@ def _eta_bounds(delta, w0):
         return -inf, inf
     tied, partial, frozen = _kinds(delta, w0)
     special = tied | partial
-    box = _phi_inf(jnp.where(special, 1.0, delta))
+    box = _phi_inf(jnp.where(special[None], 1.0, delta))
     half = tied & ~frozen
     face = _tied_face(jnp.where(half, w0, 1.0), K)
     pos = w0 > 0
@@ -386,7 +388,7 @@ def _eta_bounds(delta, w0):
 
 
 def _metric_w(w, delta):
-    return jnp.prod(w**2 + delta, axis=0) * (1 + jnp.sum(_sat(w, delta), axis=0))
+    return jnp.prod(w[None] ** 2 + delta, axis=0) * (1 + jnp.sum(_sat(w, delta), axis=0))
 
 
 def _q_star_all(eta, delta, w0):
@@ -643,8 +645,8 @@ class Geometry(eqx.Module):
         """The layers u(t) from w(t): u^m = σw, u^j = sign(u^j(0))·√(w² + δ_j)."""
         self._vec("w", w)
         rows = jnp.arange(self.depth)[:, None]
-        others = self.signs * jnp.sqrt(w**2 + self.delta_full)
-        return jnp.where(rows == self.m, self.sigma * w, others)
+        others = self.signs * jnp.sqrt(w[None] ** 2 + self.delta_full)
+        return jnp.where(rows == self.m[None], self.sigma[None] * w[None], others)
 
     # --- maps between w, θ and η --------------------------------------------------------------
     def psi(self, w: Float[Array, " d"]) -> Float[Array, " d"]:

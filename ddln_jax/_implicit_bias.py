@@ -116,14 +116,18 @@ _XU, _WU = (_XU + 1) / 2, _WU / 2
 def _far_unit(W, delta):
     """W^{K−1}·∫_W^∞ dr/∏_j √(r² + δ_j), W ≥ 2√δ_K: after r = W/u, a smooth integral on [0, 1]."""
     K = delta.shape[0]
-    u, wu = jnp.asarray(_XU, W.dtype), jnp.asarray(_WU, W.dtype)
-    ratio = (delta / W**2)[..., None] * u**2  # (K, d, nodes)
+    lead = (1,) * jnp.ndim(W)  # the node axis, appended explicitly
+    u = jnp.asarray(_XU, W.dtype).reshape(lead + (-1,))
+    wu = jnp.asarray(_WU, W.dtype).reshape(lead + (-1,))
+    ratio = (delta / W[None] ** 2)[..., None] * u[None] ** 2  # (K, d, nodes)
     return jnp.sum(wu * u ** (K - 2) * jnp.prod(jax.lax.rsqrt(1 + ratio), axis=0), axis=-1)
 
 
 def _integral_s(sa, sb, delta):
     """∫_{sa}^{sb} k(s) ds by the composite rule of `_geometry` (k: the integrand of Φ in s)."""
-    x, wx = jnp.asarray(_X, sa.dtype), jnp.asarray(_W, sa.dtype)
+    lead = (1,) * jnp.ndim(sa)  # the node axis, appended explicitly
+    x = jnp.asarray(_X, sa.dtype).reshape(lead + (-1,))
+    wx = jnp.asarray(_W, sa.dtype).reshape(lead + (-1,))
     nodes = sa[..., None] + (sb - sa)[..., None] * x
     return (sb - sa) * jnp.sum(wx * _quad_integrand(nodes, delta), axis=-1)
 
@@ -264,7 +268,7 @@ def _solve_one(X, y, u0, rtol, max_iter):
         t = jnp.ones((), dtype)
         adeta = jnp.abs(deta)
         if K >= 1:
-            m = jnp.prod(jnp.sqrt(w**2 + m_delta), axis=0)
+            m = jnp.prod(jnp.sqrt(w[None] ** 2 + m_delta), axis=0)
             reach = jnp.max(4 * K * m * adeta)  # τ-units of a full step
             t = jnp.minimum(t, tau / jnp.where(reach > 0, reach, tiny))
         else:
@@ -384,7 +388,7 @@ def _limit_jvp(primals, tangents):
     dtheta = g * c + gxdmu + t_psi
     deta = d_eta0 + dX.T @ mu + X.T @ dmu
     dgap = jnp.where(jnp.isfinite(gap), d_box - jnp.where(eta < 0, -1.0, 1.0) * deta, 0.0)
-    dw = (dtheta - t_psi) / geom.metric_w(w) * jnp.prod(jnp.sqrt(w**2 + geom.delta), axis=0)
+    dw = (dtheta - t_psi) / geom.metric_w(w) * jnp.prod(jnp.sqrt(w[None] ** 2 + geom.delta), axis=0)
 
     def breg(w_, u):
         ge = Geometry(u, require_assumption_a=False)
@@ -516,7 +520,7 @@ def implicit_bias_limit(
         mu = jnp.asarray(((np.asarray(mu) @ np.asarray(Xc)) @ Vt.T / s) @ U.T, dtype)
     Xf, yf = jnp.asarray(X, dtype), jnp.asarray(y, dtype)
     ynorm = jnp.linalg.norm(yf)
-    res = jnp.linalg.norm(theta @ Xf.T - yf, axis=-1)
+    res = jnp.linalg.norm(theta @ Xf.T - yf.reshape((1,) * (theta.ndim - 1) + (-1,)), axis=-1)
     residual = jnp.where(ynorm > 0, res / jnp.where(ynorm > 0, ynorm, 1.0), res)
     return ImplicitBias(
         theta=theta, eta=eta, gap=gap, multiplier=mu, bregman=bregman, residual=residual,
@@ -653,7 +657,7 @@ def kernel_limit(X, y, u0) -> Float[Array, " d"]:
     geom = Geometry(u0, require_assumption_a=False)
     theta0 = jnp.prod(u0, axis=0)
     G = geom.metric_w(geom.reduce(u0))
-    K = (X * G) @ X.T
+    K = (X * G[None]) @ X.T
     return theta0 + G * (X.T @ (jnp.linalg.pinv(K, hermitian=True) @ (y - X @ theta0)))
 
 

@@ -78,7 +78,7 @@ class SignedLayerFlow(AbstractFormulation):
     def vector_field(self, t, y, args):
         loss, geom = args
         grad = loss.grad(self.theta(geom, y))
-        dy = jnp.stack([-layer_products_except(y[0]) * grad, layer_products_except(y[1]) * grad])
+        dy = jnp.stack([-layer_products_except(y[0]) * grad[None], layer_products_except(y[1]) * grad[None]])
         return _scale(self, geom, dy)
 
 
@@ -449,7 +449,7 @@ def signed_kernel_limit(X, y, u0) -> Float[Array, " d"]:
     h = geom.halves
     G = geom.metric_w(geom._split(h.w0))
     theta0 = geom.theta0()
-    K = (X * G) @ X.T
+    K = (X * G[None]) @ X.T
     return theta0 + G * (X.T @ (jnp.linalg.pinv(K, hermitian=True) @ (y - X @ theta0)))
 
 

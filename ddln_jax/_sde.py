@@ -52,7 +52,7 @@ class _Diffusion(eqx.Module):
     def __call__(self, t, u, args):
         # u: (P, L, d) paths; the Brownian increment z: (P, n).
         X, y = self.loss.X, self.loss.y
-        r = jnp.prod(u, axis=-2) @ X.T - y  # (P, n)
+        r = jnp.prod(u, axis=-2) @ X.T - y[None]  # (P, n)
         P = jax.vmap(_others)(u)
         scale = self.scale
 

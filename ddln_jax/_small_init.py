@@ -235,7 +235,7 @@ def _scalar_time(u0, target):
     s = s0 + (s1 - s0) * x
     ws = sd1 * jnp.sinh(s)
     k = _quad_integrand(s, jnp.where(tie, 1.0, delta))
-    f_sinh = (s1 - s0) * jnp.sum(wts * k / (1 - _psi(ws[None], delta[:, None])[0]))
+    f_sinh = (s1 - s0) * jnp.sum(wts * k / (1 - _psi(ws[None], delta[:, None, None])[0]))
 
     # A tie: θ keeps its sign; w = e^v, dw/∏√(w² + δ_j) = dv/∏_{j≥2}√(e^{2v} + δ_j).
     wpos = jnp.where(w0 > 0, w0, 1.0)
@@ -243,7 +243,7 @@ def _scalar_time(u0, target):
     v = v0 + (v1 - v0) * x
     ev = jnp.exp(v)
     k_tie = jnp.prod(jax.lax.rsqrt(ev[None, :] ** 2 + delta[1:, None]), axis=0)
-    f_log = (v1 - v0) * jnp.sum(wts * k_tie / (1 - _psi(ev[None], delta[:, None])[0]))
+    f_log = (v1 - v0) * jnp.sum(wts * k_tie / (1 - _psi(ev[None], delta[:, None, None])[0]))
     return jnp.where(tie, jnp.where(w0 > 0, f_log, jnp.inf), f_sinh)
 
 

@@ -215,14 +215,39 @@ class SweepSpec:
         return cls.from_dict(tomllib.loads(spec_text("smoke")), source="<smoke spec>")
 
     def to_dict(self) -> dict:
+        """The spec as the tables of a TOML file: `SweepSpec.from_dict(spec.to_dict()) == spec`
+        (save times listed, keys that do not apply left out; a data file is read again)."""
+        p, i, r, e, m = self.problem, self.init, self.run, self.engine, self.model
+        if p.kind == "data":
+            problem = {"kind": p.kind, "path": p.path, "seeds": list(p.seeds)}
+        elif p.kind == "custom":
+            problem = {"kind": p.kind, "seeds": list(p.seeds)}
+        else:
+            problem = {"kind": p.kind, "n": p.n, "d": p.d, "sparsity": p.sparsity,
+                       "noise": p.noise, "seeds": list(p.seeds)}
+        init = {"scheme": i.scheme}
+        if i.scheme != "custom":
+            init.update(alpha=list(i.alpha), seeds=list(i.seeds), shape=list(i.shape))
+        run = {"depths": list(r.depths), "formulation": r.formulation, "t1": r.t1,
+               "save_times": list(r.save_times), "rtol": r.rtol, "atol": r.atol,
+               "solver": r.solver, "max_steps": r.max_steps, "method": r.method}
+        if r.stop_ratio is not None:
+            run["stop_ratio"] = r.stop_ratio
+        if r.method != "flow":
+            run.update(learning_rates=list(r.learning_rates), steps=r.steps)
+        if r.sensitivities:
+            run["sensitivities"] = list(r.sensitivities)
+        return {"problem": problem, "model": {"kind": m.kind, "tied": m.tied}, "init": init,
+                "run": run, "engine": dataclasses.asdict(e)}
+
+    def _fields(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("source")
         return out
 
     def with_engine(self, **changes) -> SweepSpec:
         """This spec with `[engine]` keys changed (validated like the file's)."""
-        raw = self.to_dict()
-        engine = {k: v for k, v in raw["engine"].items()}
+        engine = dataclasses.asdict(self.engine)
         engine.update(changes)
         e = _engine(engine, f"{self.source} (overridden)")
         return dataclasses.replace(self, engine=e)
@@ -230,7 +255,7 @@ class SweepSpec:
     def digest(self) -> str:
         """A hash of everything that changes the results (not the engine's knobs, which only
         change how they are computed, nor where a data file lies: its bytes are hashed)."""
-        d = self.to_dict()
+        d = self._fields()  # every field, as when the digest was introduced (old sweeps resume)
         d.pop("engine")
         d["problem"].pop("path")
         # Keys added later enter the digest only when they differ from their defaults: the

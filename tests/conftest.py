@@ -1,15 +1,16 @@
 import os
-import tempfile
 
-# Compiled programs are reused across test processes (the sweep tests start subprocesses that
-# compile what the suite compiled already): JIT compilation dominates the suite's time.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ddln_jax_jit_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# No persistent compilation cache: on the CPU backend, loading XLA executables that other
+# processes wrote has aborted the interpreter (CI, and pytest-xdist workers sharing a cache).
+# Implicit rank promotion is an error, in this process and in the CLI processes tests start:
+# the library broadcasts explicitly, so a user who sets "raise" can use it.
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
 import jax  # noqa: E402
 
 # Tolerances of 1e-8 and below need float64 (DESIGN.md). Tests opt in here, never the library.
 jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402

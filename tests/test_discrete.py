@@ -138,6 +138,15 @@ def test_vmap_over_learning_rates_and_inits_equals_single_runs(small, eta_max):
             worst = max(worst, float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))))
         assert float(batch.ts[i, j, -1]) == float(one.ts[-1]) == pytest.approx(steps * lrs[i])
     assert worst <= 1e-12
+    # batch[i, j] is run (i, j): the single run's tree and shapes, the batch's values.
+    picked = batch[3, 5]
+    assert jax.tree_util.tree_structure(picked) == jax.tree_util.tree_structure(one)
+    assert [x.shape for x in jax.tree_util.tree_leaves(picked)] == [x.shape for x in jax.tree_util.tree_leaves(one)]
+    np.testing.assert_array_equal(picked.theta, batch.theta[3, 5])
+    np.testing.assert_array_equal(picked.step, batch.step)
+    assert batch[3].batch_shape == (16,) and picked.batch_shape == ()
+    with pytest.raises(IndexError, match="single run"):
+        one[0]
     assert bool(jnp.all(batch.status == dj.Status.success))
     assert float(jnp.max(batch.loss[..., -1] / batch.loss[..., 0])) < 1
 
