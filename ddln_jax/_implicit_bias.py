@@ -48,6 +48,7 @@ from ._geometry import (
     SignedGeometry,
     _quad_integrand,
     check_signed_geometry,
+    geometry_problems,
 )
 from ._init import check_assumption_a, check_init
 from ._losses import _check_data
@@ -449,7 +450,10 @@ def implicit_bias_limit(
     Newton's method on the dual with a trust region scaled to the mirror geometry, carrying
     the gap Φ(∞) − |η| exactly for L ≥ 3 (see the module docstring and `docs/math.md`,
     "Implicit bias"). Converges from any init satisfying Assumption A, any depth, α from 1e-16
-    up, to full float64 accuracy.
+    up, to full float64 accuracy. Inits with balanced coordinates (all |u^j_i| equal: θ_i keeps
+    its sign, the half-line geometry) are solved as a signed network with a frozen minus half
+    (`signed_implicit_bias_limit`, on concrete inputs only; `rtol` is then the target relative
+    residual).
 
     **JAX transformations.** The solve is pure JAX: `jax.jit`, `jax.vmap` (over inits and over
     data) and `jax.grad`/`jax.jvp` work. Derivatives with respect to `X`, `y` and `u0` come
@@ -479,19 +483,29 @@ def implicit_bias_limit(
             u0 = np.asarray(u0)
         u0 = as_float_array("u0", u0, ndim=(2, 3))
         batch = u0.ndim == 3
+        half_line = False
         for i, ui in enumerate(u0 if batch else [u0]):
             name = f"u0[{i}]" if batch else "u0"
             check_init(ui, name)
             report = check_assumption_a(ui)
             if not report.holds:
-                raise ValueError(
-                    f"`{name}` violates Assumption A (ties at coordinates "
-                    f"{report.tied[:10].tolist()}): this solver needs a unique smallest layer "
-                    "per coordinate. For balanced (half-line) coordinates use "
-                    "`signed_implicit_bias_limit(X, y, jnp.stack([u0, jnp.zeros_like(u0)]))` "
-                    "(a signed network with a frozen minus half), or perturb the init."
-                )
+                problems = geometry_problems(np.asarray(ui))
+                if problems:
+                    reason, where = next(iter(problems.items()))
+                    raise ValueError(
+                        f"`{name}` violates Assumption A (ties at coordinates "
+                        f"{report.tied[:10].tolist()}) and has no computable mirror geometry "
+                        f"({reason} at coordinates {where[:10].tolist()}): the limit needs a "
+                        "unique smallest layer, or all layers tied in magnitude (balanced)"
+                    )
+                half_line = True
         rtol = positive_scalar("rtol", rtol)
+        if half_line:
+            # Balanced (half-line) or frozen coordinates: the product network is the signed one
+            # with a frozen minus half (docs/math.md, "Signed models"), whose dual solver
+            # handles them. Host-side: this route needs concrete inputs.
+            halves = jnp.stack([jnp.asarray(u0), jnp.zeros_like(jnp.asarray(u0))], axis=-3)
+            return signed_implicit_bias_limit(X, y, halves, rtol=rtol, max_iter=max_iter)
     else:
         X, y, u0 = jnp.asarray(X), jnp.asarray(y), jnp.asarray(u0)
         if X.ndim != 2 or y.ndim != 1 or u0.ndim not in (2, 3) or X.shape[0] != y.shape[0]:

@@ -331,8 +331,9 @@ def test_bad_input_and_statuses(solved):
     X, y, u0, _ = solved[3]
     with pytest.raises(ValueError, match=r"no θ satisfies Xθ = y"):
         implicit_bias_limit(np.vstack([X, X[:1]]), np.concatenate([y, [y[0] + 1]]), u0[0])
-    with pytest.raises(ValueError, match=r"`u0\[1\]` violates Assumption A"):
-        implicit_bias_limit(X, y, np.stack([u0[0], np.ones((3, D))]))
+    partial = np.stack([0.5 * np.ones(D), 0.5 * np.ones(D), np.ones(D)])  # a partial tie, L = 3
+    with pytest.raises(ValueError, match=r"`u0\[1\]` violates Assumption A .* no computable mirror geometry \(partial_tie"):
+        implicit_bias_limit(X, y, np.stack([u0[0], partial]))
     with pytest.raises(ValueError, match=r"`u0` has d = 4 coordinates but `X` has 9"):
         implicit_bias_limit(X, y, u0[0][:, :4])
     with pytest.raises(ValueError, match=r"`max_iter` must be an integer ≥ 1"):
@@ -356,3 +357,22 @@ def test_bad_input_and_statuses(solved):
     eager = implicit_bias_limit(Xr, yr, u0[0])  # host-side: the repeated row is dropped
     assert eager.status_name == "success" and float(eager.residual) <= 1e-14
     np.testing.assert_allclose(eager.multiplier @ Xr, eager.eta - dj.Geometry(u0[0]).grad_Q(jnp.prod(jnp.asarray(u0[0]), axis=0)), rtol=1e-10, atol=1e-12)
+
+
+def test_balanced_coordinates_end_where_the_flow_ends():
+    """Balanced coordinates (all |u^j_i| equal, one of them negative: θ_i keeps its sign, the
+    half-line geometry) beside untied ones, L = 2, 3, 4: the limit is where a long run of the
+    product flow ends (measured 1e-14 relative; asserted 1e-10), with residual at rounding."""
+    X = jax.random.normal(jax.random.PRNGKey(5), (3, 6))
+    y = X @ jnp.array([1.0, -0.5, 0.0, 0.0, 0.3, 0.0])
+    for L in (2, 3, 4):
+        u0 = 0.4 * np.ones((L, 6))
+        u0[0, 1] = -0.4
+        u0[:, 3:] = np.asarray(dj.gaussian_init(jax.random.PRNGKey(L), L, 3, 0.6))
+        lim = implicit_bias_limit(X, y, u0)
+        assert lim.status_name == "success" and float(lim.residual) <= 1e-13
+        assert np.all(np.sign(lim.theta[:3]) == np.sign(np.prod(u0[:, :3], axis=0)))
+        tr = dj.simulate(dj.LeastSquares(X, y), u0, t1=1000.0, rtol=1e-12, atol=1e-14,
+                         formulation="reduced")
+        assert tr.status_name == "success"
+        _close(tr.theta_final, lim.theta, 1e-10)

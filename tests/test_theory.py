@@ -137,8 +137,9 @@ def test_bad_input_is_refused_or_marked():
         implicit_bias_limit(X.T, np.arange(D, dtype=float), band_inits(3, 0)[0][:, :N])
     with pytest.raises(ValueError, match=r"no θ satisfies Xθ = y"):
         weighted_l1_interpolator(np.vstack([X, X[:1]]), np.concatenate([y, [y[0] + 1]]))
+    partial = np.stack([0.5 * np.ones(D), 0.5 * np.ones(D), np.ones(D)])  # a partial tie
     with pytest.raises(ValueError, match=r"`u0\[1\]` violates Assumption A"):
-        implicit_bias_limit(X, y, np.stack([u0, np.asarray(dj.balanced_init(3, D, 0.5))]))
+        implicit_bias_limit(X, y, np.stack([u0, partial]))
     with pytest.raises(ValueError, match=r"`rtol`=1e-12 is below what float32"):
         implicit_bias_limit(X.astype(np.float32), y.astype(np.float32), u0.astype(np.float32))
     with pytest.raises(ValueError, match=r"`u0` has d = 4 coordinates but `X` has 15"):
