@@ -781,11 +781,14 @@ def _check_signed_data(X, y, u0, model="signed"):
 def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int = 200):
     """The limit of the signed flow on interpolating least squares: argmin {D_R(θ, θ0) : Xθ = y}.
 
+    The same point is the limit of the product problem on [X, −X] from the stacked halves:
+    halves without ties are solved that way, by [`ddln_jax.implicit_bias_limit`][] (any α down
+    to 1e-16). Halves with balanced (half-line) coordinates — Woodworth's init — are solved by
     Newton's method on the d-dimensional dual min_λ R*(∇R(θ0) + Xᵀλ) − λ·y, R*(η) =
-    Q⁺*(η) + Q⁻*(c − η) (docs/math.md, "Signed models"), with a backtracking line search that keeps η where R* is
-    finite. Any init whose halves have a computable geometry (balanced halves — Woodworth's
-    init — included); tied and untied layers have the same limit. The same point is the limit
-    of the product problem on [X, −X] from the stacked halves.
+    Q⁺*(η) + Q⁻*(c − η) (docs/math.md, "Signed models"), with a backtracking line search that
+    keeps η where R* is finite; at small α (measured: L = 2 below ~1e-10, L = 3 below ~1e-6)
+    it stops with status `failed` or `inaccurate`, never a silent wrong point. Tied and untied
+    layers have the same limit.
 
     **Arguments:**
 
@@ -804,6 +807,20 @@ def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int =
     max_iter = positive_int("max_iter", max_iter)
     dtype = jnp.result_type(X.dtype, y.dtype, u0.dtype)
     check_tolerance("rtol", rtol, dtype)
+    # Halves without ties: the product problem on [X, −X] from the stacked halves has the same
+    # limit, and its trust-region solver converges at any scale (this line search does not at
+    # small α); balanced (half-line) halves stay here.
+    stacked = jnp.concatenate([jnp.asarray(u0)[..., 0, :, :], jnp.asarray(u0)[..., 1, :, :]], axis=-1)
+    if all(check_assumption_a(np.asarray(u)).holds for u in stacked.reshape(-1, *stacked.shape[-2:])):
+        d = X.shape[1]
+        r = implicit_bias_limit(jnp.concatenate([X, -X], axis=1), y, stacked, rtol=rtol,
+                                max_iter=max_iter)
+        # η' = (∇Q⁺(θ⁺), ∇Q⁻(θ⁻)) = (η, c − η); R* is finite where both halves are.
+        return ImplicitBias(
+            theta=r.theta[..., :d] - r.theta[..., d:], eta=r.eta[..., :d],
+            gap=jnp.minimum(r.gap[..., :d], r.gap[..., d:]), multiplier=r.multiplier,
+            bregman=r.bregman, residual=r.residual, iterations=r.iterations, status=r.status,
+        )
     U, s, Vt, b = _row_space(X, y)
     A, b = jnp.asarray(Vt, dtype), jnp.asarray(b, dtype)
     run = lambda u: _signed_dual_newton_jit(A, b, u.astype(dtype), jnp.asarray(rtol, dtype), max_iter)

@@ -344,3 +344,26 @@ def test_bad_input_is_refused_before_compiling():
         signed_implicit_bias_limit(np.eye(2), np.ones(2), np.array([1e-160, 2e-160])[None, :, None] * np.ones((2, 2, 2)))
     with pytest.raises(ValueError, match="d = 3 coordinates but `X` has 2"):
         signed_implicit_bias_limit(np.eye(2), np.ones(2), woodworth_init(2, 3, 1.0))
+
+
+def test_untied_halves_converge_at_any_scale(data, monkeypatch):
+    """Halves without ties are solved as the product problem on [X, −X]: the same limit as the
+    signed dual solver where that converges (α = 0.5; every field ≤ 1e-12), and `success`
+    with a residual at rounding down to α = 1e-16, where the dual line search fails."""
+    from ddln_jax import _implicit_bias as ib
+
+    X, y = data
+    d = X.shape[1]
+    u = signed_gaussian_init(jax.random.PRNGKey(1), 3, d, 0.5)
+    new = signed_implicit_bias_limit(X, y, u)
+    monkeypatch.setattr(ib, "check_assumption_a", lambda u: type("R", (), {"holds": False})())
+    old = signed_implicit_bias_limit(X, y, u)  # the d-dimensional dual line search
+    monkeypatch.undo()
+    assert new.status_name == old.status_name == "success"
+    for f in ("theta", "eta", "gap", "multiplier", "bregman"):
+        a, b = np.asarray(getattr(new, f)), np.asarray(getattr(old, f))
+        assert np.max(np.abs(a - b)) <= 1e-12 * max(np.max(np.abs(b)), 1.0), f
+    for L in (2, 3, 4):
+        for alpha in (1e-8, 1e-16):
+            lim = signed_implicit_bias_limit(X, y, signed_gaussian_init(jax.random.PRNGKey(1), L, d, alpha))
+            assert lim.status_name == "success" and float(lim.residual) <= 1e-11, (L, alpha)
