@@ -271,10 +271,6 @@ def _minibatch(loss, key, k, batch_size, replace):
     return eqx.tree_at(lambda l: (l.X, l.y), loss, (loss.X[idx], loss.y[idx]))
 
 
-# Runs advanced together in one group of the compiled call (see `_train_compiled`).
-_GROUP_RUNS = 16
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("kind", "optimizer", "batch_size", "replace", "axes", "save_u", "has_stop"),
@@ -362,27 +358,7 @@ def _train_compiled(loss, u0, lrs, keys, seg, tail, levels, steps, *, kind, opti
         f = jax.vmap(f, in_axes=(None, None, None, 0))
     if axes[0]:
         f = jax.vmap(f, in_axes=(None, None, 0, None))
-    others = (lrs.shape[0] if axes[0] else 1) * (keys.shape[0] if axes[1] else 1)
-    group = max(1, _GROUP_RUNS // others)
-    B = u0.shape[0] if axes[2] else 1
-    if not axes[2] or B <= group:
-        return f(u0, levels, lrs, keys)
-    # Groups of inits, one after the other (`lax.map`), every step of a group before the next:
-    # the state of ~_GROUP_RUNS runs stays in cache, where all runs in lockstep would stream
-    # the whole batch's state through memory at every step (measured 1.6× slower on W1).
-    chunks = -(-B // group)
-    pad = chunks * group - B
-    grouped = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]).reshape(
-        chunks, group, *x.shape[1:])
-    out = jax.lax.map(lambda c: f(c[0], c[1], lrs, keys), (grouped(u0), grouped(levels)))
-    lead = int(axes[0]) + int(axes[1])
-
-    def ungroup(x):  # (chunks, *lead, group, ...) → (*lead, B, ...)
-        x = jnp.moveaxis(x, 0, lead)
-        x = x.reshape(*x.shape[:lead], chunks * group, *x.shape[lead + 2:])
-        return jax.lax.slice_in_dim(x, 0, B, axis=lead)
-
-    return jax.tree_util.tree_map(ungroup, out)
+    return f(u0, levels, lrs, keys)
 
 
 def train(

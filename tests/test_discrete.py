@@ -151,21 +151,6 @@ def test_vmap_over_learning_rates_and_inits_equals_single_runs(small, eta_max):
     assert float(jnp.max(batch.loss[..., -1] / batch.loss[..., 0])) < 1
 
 
-def test_grouped_batch_with_padding_equals_single_runs(small, eta_max):
-    """4 rates × 5 inits run as groups of 4 inits (the last one padded): every field of every
-    run equals its single run (≤ 1e-12 relative), the hit step included."""
-    loss, _ = small
-    U = 0.8 * jax.random.normal(jax.random.key(7), (5, 3, 6))
-    lrs = np.array([0.1, 0.2, 0.3, 0.4]) * eta_max
-    batch = train(loss, U, optax.sgd, steps=40, learning_rate=lrs, save=("u",), stop_ratio=0.5)
-    assert batch.u.shape == (4, 5, 41, 3, 6) and batch.hit_step.shape == (4, 5)
-    for i, j in itertools.product(range(4), range(5)):
-        one = train(loss, U[j], optax.sgd, steps=40, learning_rate=lrs[i], save=("u",), stop_ratio=0.5)
-        for a, b in [(batch.u[i, j], one.u), (batch.loss[i, j], one.loss)]:
-            assert float(jnp.max(jnp.abs(a - b))) <= 1e-12 * float(jnp.max(jnp.abs(b)))
-        assert int(batch.hit_step[i, j]) == int(one.hit_step)
-
-
 def test_sgd_seeds_batch_equals_single_seeds(small):
     loss, u0 = small
     keys = jax.random.split(jax.random.key(7), 3)
