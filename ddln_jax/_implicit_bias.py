@@ -712,11 +712,11 @@ def _signed_dual_newton(A, b, u0, rtol, max_iter: int):
         )
 
     def cond(carry):
-        it, _, _, _, _, _, status = carry
+        it, *_, status = carry
         return (status < 0) & (it < max_iter)
 
     def body(carry):
-        it, lam, obj, grad, g, floor, _ = carry
+        it, lam, obj, grad, g, floor, tau, _ = carry
         # √g-scaled least squares instead of forming A G Aᵀ (g spans many orders).
         sg = jnp.sqrt(g)
         Q, R = jnp.linalg.qr(sg[:, None] * A.T)
@@ -738,17 +738,25 @@ def _signed_dual_newton(A, b, u0, rtol, max_iter: int):
             return jnp.where(accepted, step, 0.5 * step), k + 1, accepted
 
         finite_p = jnp.all(jnp.isfinite(p))
-        step, _, accepted = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), A.dtype), 0, ~finite_p))
+        # A trust region on ‖Δη‖∞: at small α the first Newton step is ~1/g(θ0) in η, far past
+        # where R* is finite or accurate; the line search starts inside the region, which
+        # doubles after every step taken in full (η travels ~log(1/α) or ~α^{2-L} in all).
+        reach = jnp.max(jnp.abs(A.T @ p))
+        step0 = jnp.where(reach > tau, tau / jnp.where(reach > 0, reach, 1.0), 1.0)
+        step, _, accepted = jax.lax.while_loop(ls_cond, ls_body, (step0.astype(A.dtype), 0, ~finite_p))
         accepted = accepted & finite_p
+        tau = jnp.where(accepted, jnp.where(step == step0, 2 * tau, jnp.maximum(step * reach, tau / 2)), tau)
         lam_new = jnp.where(accepted, lam + step * p, lam)
         o, gr, gg, _, fl = evaluate(lam_new)
         status = jnp.where(~finite_p, NONFINITE, classify(gr, fl, accepted))
-        return it + 1, lam_new, o, gr, gg, fl, status.astype(jnp.int32)
+        return it + 1, lam_new, o, gr, gg, fl, tau, status.astype(jnp.int32)
 
     lam = jnp.zeros(A.shape[0], A.dtype)
     obj, grad, g, ok, floor = evaluate(lam)
     status = jnp.where(~ok, NONFINITE, classify(grad, floor, True)).astype(jnp.int32)
-    it, lam, _, grad, _, _, status = jax.lax.while_loop(cond, body, (0, lam, obj, grad, g, floor, status))
+    tau = jnp.ones((), A.dtype)
+    it, lam, _, grad, _, _, _, status = jax.lax.while_loop(
+        cond, body, (0, lam, obj, grad, g, floor, tau, status))
     status = jnp.where(status < 0, MAX_STEPS, status).astype(jnp.int32)
     eta = eta0 + A.T @ lam
     theta, _, rstar = geom.dual_terms(eta)
@@ -785,10 +793,12 @@ def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int =
     halves without ties are solved that way, by [`ddln_jax.implicit_bias_limit`][] (any α down
     to 1e-16). Halves with balanced (half-line) coordinates — Woodworth's init — are solved by
     Newton's method on the d-dimensional dual min_λ R*(∇R(θ0) + Xᵀλ) − λ·y, R*(η) =
-    Q⁺*(η) + Q⁻*(c − η) (docs/math.md, "Signed models"), with a backtracking line search that
-    keeps η where R* is finite; at small α (measured: L = 2 below ~1e-10, L = 3 below ~1e-6)
-    it stops with status `failed` or `inaccurate`, never a silent wrong point. Tied and untied
-    layers have the same limit.
+    Q⁺*(η) + Q⁻*(c − η) (docs/math.md, "Signed models"), with a trust region on ‖Δη‖∞ and a
+    backtracking line search that keeps η where R* is finite: L = 2 converges down to α = 1e-16;
+    for L ≥ 3, η ends near the face of the dual box (|η| ≈ α^{2−L}/(L−2)), where θ = ∇R*(η)
+    keeps only eps·|η|·g of accuracy, and small inits end with status `inaccurate` (measured:
+    L = 3, residual 9e-12 at α = 1e-4 and 7e-9 at 1e-8; L = 4, 2e-8 at 1e-4), never a silent
+    wrong point. Tied and untied layers have the same limit.
 
     **Arguments:**
 

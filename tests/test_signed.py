@@ -367,3 +367,18 @@ def test_untied_halves_converge_at_any_scale(data, monkeypatch):
         for alpha in (1e-8, 1e-16):
             lim = signed_implicit_bias_limit(X, y, signed_gaussian_init(jax.random.PRNGKey(1), L, d, alpha))
             assert lim.status_name == "success" and float(lim.residual) <= 1e-11, (L, alpha)
+
+
+def test_woodworth_depth_two_converges_at_tiny_scales(data):
+    """Balanced halves, L = 2 (hyperbolic entropy): the dual solver's trust region on η takes
+    it from α = 1e-4 down to 1e-16 (it failed below 1e-10), with the residual at rounding and
+    the limit still moving toward the minimum-ℓ1 interpolator (like 1/log(1/α))."""
+    X, y = data
+    d = X.shape[1]
+    l1 = np.asarray(dj.weighted_l1_interpolator(X, y))
+    dist = []
+    for alpha in (1e-4, 1e-8, 1e-16):
+        lim = signed_implicit_bias_limit(X, y, woodworth_init(2, d, alpha))
+        assert lim.status_name == "success" and float(lim.residual) <= 1e-12, alpha
+        dist.append(float(np.linalg.norm(np.asarray(lim.theta) - l1)))
+    assert dist[0] > dist[1] > dist[2] > 0, dist
