@@ -453,7 +453,7 @@ def implicit_bias_limit(
     up, to full float64 accuracy. Inits with balanced coordinates (all |u^j_i| equal: θ_i keeps
     its sign, the half-line geometry) are solved as a signed network with a frozen minus half
     (`signed_implicit_bias_limit`, on concrete inputs only; `rtol` is then the target relative
-    residual).
+    residual; for L ≥ 3 and small α such inits can end `inaccurate`, as documented there).
 
     **JAX transformations.** The solve is pure JAX: `jax.jit`, `jax.vmap` (over inits and over
     data) and `jax.grad`/`jax.jvp` work. Derivatives with respect to `X`, `y` and `u0` come
