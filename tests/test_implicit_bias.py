@@ -18,7 +18,6 @@ import pytest
 
 import ddln_jax as dj
 from ddln_jax import Status, implicit_bias_limit
-from ddln_jax._implicit_bias import _tail
 
 ALPHAS = (1.0, 1e-4, 1e-8, 1e-16)
 N, D = 4, 9
@@ -297,7 +296,7 @@ def test_alpha_derivative_matches_long_simulations(small):
     """d θ∞/dα along u0 = α·v (forward mode through the limit) equals the central difference
     in α of the end points of two long simulations (rtol 1e-12), to 1e-6 relative."""
     X, y, rng = small
-    L, alpha, h = 2, 0.8, 1e-4
+    alpha, h = 0.8, 1e-4
     v = np.stack([rng.choice([-1.0, 1.0], D) * rng.uniform(0.9, 1.1, D),
                   rng.choice([-1.0, 1.0], D) * rng.uniform(0.2, 0.4, D)])
     deriv = jax.jvp(lambda a: implicit_bias_limit(X, y, a * v, rtol=1e-14).theta,
