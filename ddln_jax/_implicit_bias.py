@@ -45,7 +45,7 @@ from ._geometry import (
     _W,
     _X,
     Geometry,
-    SignedGeometry,
+    _phi_inf,
     _quad_integrand,
     check_signed_geometry,
     geometry_problems,
@@ -241,25 +241,52 @@ def _solve_one(X, y, u0, rtol, max_iter):
     geom = Geometry(u0, require_assumption_a=False)
     delta = geom.delta
     K = delta.shape[0]
+    # Half-line (balanced) and frozen coordinates (docs/math.md, "Assumption A and the balanced
+    # (half-line) geometry"): the untied maps get safe inputs there (δ = 1) and are replaced.
+    tied, partial, frozen = geom.tied, geom.partial, geom.frozen
+    half = tied & ~frozen
+    special = tied | partial
+    delta_u = jnp.where(special[None], 1.0, delta)
+    sgn0 = jnp.where(geom.w0 < 0, -1.0, 1.0).astype(dtype)  # the side of a half-line
     theta0 = jnp.prod(u0, axis=0)
     w0 = geom.reduce(u0)  # ψ⁻¹(θ0), exactly
     eta0 = geom.phi(w0)
-    box = geom.phi_inf
-    gap0 = _tail(jnp.abs(w0), delta) if K >= 2 else jnp.full_like(eta0, jnp.inf)
+    box = geom.phi_inf  # on half-lines: the face, seen from the anchor η0 = 0
+    if K >= 2:
+        box_u = jnp.where(special, _phi_inf(delta_u), box)
+        w0_u = jnp.where(special, 0.0, w0)
+        # On a half-line γ = face − s·η = |w|^{−p}/p (p = L − 2) holds on the whole half-line,
+        # so γ alone gives w to full relative accuracy, near the face and far from it.
+        gap0 = jnp.where(half, box, jnp.where(frozen, jnp.inf, _tail(jnp.abs(w0_u), delta_u)))
+    else:
+        gap0 = jnp.full_like(eta0, jnp.inf)
     m_delta = delta[1:]
 
+    def to_w(eta, gap):
+        if K == 0:
+            return eta
+        if K == 1:
+            wh = w0 * jnp.exp(sgn0 * jnp.where(half, eta, 0.0))  # Φ = s·log(|w|/|w0|)
+            wu = _dual_to_w(jnp.where(special, 0.0, eta), gap, delta_u, box)
+        else:
+            p = K - 1
+            wh = sgn0 * (p * jnp.where(half, gap, 1.0)) ** (-1.0 / p)
+            wu = _dual_to_w(jnp.where(special, 0.0, eta), jnp.where(special, box_u, gap),
+                            delta_u, box_u)
+        return jnp.where(half, wh, jnp.where(frozen, 0.0, wu))
+
     def evaluate(eta, gap):
-        w = _dual_to_w(eta, gap, delta, box)
+        w = to_w(eta, gap)
         theta = geom.psi(w)
         g = geom.metric_w(w)
         return w, theta, g, A @ theta - b
 
     def newton(g, r, theta):
         p, q, dec = _metric_solve(A, g, r)
-        # The step: λ → λ − p, θ → θ − q (to first order), η → η − q/g.
+        # The step: λ → λ − p, θ → θ − q (to first order), η → η − q/g (frozen: g = 0, fixed).
         nt = jnp.linalg.norm(theta)
         err = jnp.linalg.norm(q) / jnp.where(nt > 0, nt, tiny)
-        return -p, -q / g, err, dec
+        return -p, jnp.where(frozen, 0.0, -q / jnp.where(frozen, 1.0, g)), err, dec
 
     def body(carry):
         it, lam, eta, gap, w, theta, g, r, tau, err_prev, stall, _ = carry
@@ -275,7 +302,9 @@ def _solve_one(X, y, u0, rtol, max_iter):
         else:
             reach = jnp.zeros((), dtype)
         if K >= 2:
-            ahead = jnp.where((deta > 0) == (eta >= 0), gap, 2 * box - gap)
+            # A half-line has one face, on the side of its init; the other side is θ → 0.
+            toward = jnp.where(half, (deta > 0) == (sgn0 > 0), (deta > 0) == (eta >= 0))
+            ahead = jnp.where(toward, gap, jnp.where(tied, jnp.inf, 2 * box - gap))
             t = jnp.minimum(t, jnp.min(0.99 * ahead / jnp.where(adeta > 0, adeta, tiny)))
         done_now = err <= rtol
         t = jnp.where(finite_p, t, 0.0)
@@ -287,6 +316,7 @@ def _solve_one(X, y, u0, rtol, max_iter):
             same = (eta_c < 0) == (eta < 0)
             incremental = same & (jnp.abs(eta_c) >= 0.25 * box)
             gap_c = jnp.where(incremental, gap - s * step, box - jnp.abs(eta_c))
+            gap_c = jnp.where(half, gap - sgn0 * step, jnp.where(frozen, gap, gap_c))
         else:
             gap_c = gap
         w_c, theta_c, g_c, r_c = evaluate(eta_c, gap_c)
@@ -303,7 +333,7 @@ def _solve_one(X, y, u0, rtol, max_iter):
         pred = dec * t * (1 - 0.5 * t)
         # Rounding of the merit: of each term, and of the stored dual point itself (η, or the
         # gap γ near a face), which the new point inherits.
-        stored = jnp.abs(eta) if K <= 1 else jnp.where(gap < 0.5 * box, gap, jnp.abs(eta))
+        stored = jnp.abs(eta) if K <= 1 else jnp.where(half | (gap < 0.5 * box), gap, jnp.abs(eta))
         noise = 16 * eps * (
             jnp.sum(jnp.abs(dq) + jnp.abs(theta * step) + jnp.abs(theta) * stored) + t * dec
         )
@@ -388,8 +418,12 @@ def _limit_jvp(primals, tangents):
     dmu, gxdmu, _ = _metric_solve(X, g, rhs)  # gxdmu = G Xᵀdμ, without cancellation
     dtheta = g * c + gxdmu + t_psi
     deta = d_eta0 + dX.T @ mu + X.T @ dmu
-    dgap = jnp.where(jnp.isfinite(gap), d_box - jnp.where(eta < 0, -1.0, 1.0) * deta, 0.0)
-    dw = (dtheta - t_psi) / geom.metric_w(w) * jnp.prod(jnp.sqrt(w[None] ** 2 + geom.delta), axis=0)
+    half = geom.tied & ~geom.frozen
+    side = jnp.where(half, jnp.where(geom.w0 < 0, -1.0, 1.0), jnp.where(eta < 0, -1.0, 1.0))
+    dgap = jnp.where(jnp.isfinite(gap), d_box - side * deta, 0.0)
+    gw = jnp.where(geom.frozen, 1.0, g)
+    dw = jnp.where(geom.frozen, 0.0,
+                   (dtheta - t_psi) / gw * jnp.prod(jnp.sqrt(w[None] ** 2 + geom.delta), axis=0))
 
     def breg(w_, u):
         ge = Geometry(u, require_assumption_a=False)
@@ -449,11 +483,11 @@ def implicit_bias_limit(
 
     Newton's method on the dual with a trust region scaled to the mirror geometry, carrying
     the gap Φ(∞) − |η| exactly for L ≥ 3 (see the module docstring and `docs/math.md`,
-    "Implicit bias"). Converges from any init satisfying Assumption A, any depth, α from 1e-16
-    up, to full float64 accuracy. Inits with balanced coordinates (all |u^j_i| equal: θ_i keeps
-    its sign, the half-line geometry) are solved as a signed network with a frozen minus half
-    (`signed_implicit_bias_limit`, on concrete inputs only; `rtol` is then the target relative
-    residual; for L ≥ 3 and small α such inits can end `inaccurate`, as documented there).
+    "Implicit bias"). Converges from any init with a computable potential, any depth, α from
+    1e-16 up, to full float64 accuracy: inits satisfying Assumption A, and balanced
+    coordinates (all |u^j_i| equal: θ_i keeps its sign, the half-line geometry, whose gap to
+    the face γ = |w|^{−(L−2)}/(L−2) is carried exactly in the same way) and frozen ones (two or
+    more layers at 0: θ_i stays 0). Partial ties are refused.
 
     **JAX transformations.** The solve is pure JAX: `jax.jit`, `jax.vmap` (over inits and over
     data) and `jax.grad`/`jax.jvp` work. Derivatives with respect to `X`, `y` and `u0` come
@@ -483,12 +517,13 @@ def implicit_bias_limit(
             u0 = np.asarray(u0)
         u0 = as_float_array("u0", u0, ndim=(2, 3))
         batch = u0.ndim == 3
-        half_line = False
         for i, ui in enumerate(u0 if batch else [u0]):
             name = f"u0[{i}]" if batch else "u0"
             check_init(ui, name)
             report = check_assumption_a(ui)
             if not report.holds:
+                # Balanced (half-line) and frozen coordinates have a potential; partial ties
+                # and out-of-range values do not.
                 problems = geometry_problems(np.asarray(ui))
                 if problems:
                     reason, where = next(iter(problems.items()))
@@ -498,14 +533,7 @@ def implicit_bias_limit(
                         f"({reason} at coordinates {where[:10].tolist()}): the limit needs a "
                         "unique smallest layer, or all layers tied in magnitude (balanced)"
                     )
-                half_line = True
         rtol = positive_scalar("rtol", rtol)
-        if half_line:
-            # Balanced (half-line) or frozen coordinates: the product network is the signed one
-            # with a frozen minus half (docs/math.md, "Signed models"), whose dual solver
-            # handles them. Host-side: this route needs concrete inputs.
-            halves = jnp.stack([jnp.asarray(u0), jnp.zeros_like(jnp.asarray(u0))], axis=-3)
-            return signed_implicit_bias_limit(X, y, halves, rtol=rtol, max_iter=max_iter)
     else:
         X, y, u0 = jnp.asarray(X), jnp.asarray(y), jnp.asarray(u0)
         if X.ndim != 2 or y.ndim != 1 or u0.ndim not in (2, 3) or X.shape[0] != y.shape[0]:
@@ -676,98 +704,7 @@ def kernel_limit(X, y, u0) -> Float[Array, " d"]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Signed networks θ = θ⁺ − θ⁻ (and product inits with balanced, half-line coordinates, which are
-# signed networks with a frozen minus half): Newton on the d-dimensional dual of R.
-
-_LS_MAX = 60
-_ARMIJO = 1e-4
-
-
-def _signed_dual_newton(A, b, u0, rtol, max_iter: int):
-    """Newton on min_λ R*(η0 + Aᵀλ) − λ·b (A with orthonormal rows), line search inside the
-    domain of R*: gradient A∇R*(η) − b, Hessian A diag(g⁺ + g⁻) Aᵀ (docs/math.md, "Implicit bias" and "Signed models")."""
-
-    geom = SignedGeometry(u0, require_assumption_a=False)
-    eta0 = geom.eta0
-    eps = jnp.finfo(A.dtype).eps
-    bnorm = jnp.linalg.norm(b)
-    absA = jnp.abs(A)
-
-    def evaluate(lam):
-        eta = eta0 + A.T @ lam
-        theta, g, rstar = geom.dual_terms(eta)
-        obj = rstar - lam @ b
-        grad = A @ theta - b
-        ok = jnp.all(jnp.isfinite(theta)) & jnp.all(jnp.isfinite(g)) & jnp.isfinite(obj)
-        # What rounding leaves of the residual: θ = ∇R*(η) carries g·eps·|η| (and eps·θ±).
-        floor = 16 * eps * (jnp.linalg.norm(absA @ (jnp.abs(theta) + g * jnp.abs(eta))) + bnorm)
-        return obj, grad, g, ok, floor
-
-    def classify(grad, floor, accepted):
-        r = jnp.linalg.norm(grad)
-        return jnp.where(
-            r <= rtol * bnorm, SUCCESS,
-            jnp.where(r <= floor, INACCURATE,
-                      jnp.where(accepted, -1, jnp.where(r <= 4 * floor, INACCURATE, FAILED))),
-        )
-
-    def cond(carry):
-        it, *_, status = carry
-        return (status < 0) & (it < max_iter)
-
-    def body(carry):
-        it, lam, obj, grad, g, floor, tau, _ = carry
-        # √g-scaled least squares instead of forming A G Aᵀ (g spans many orders).
-        sg = jnp.sqrt(g)
-        Q, R = jnp.linalg.qr(sg[:, None] * A.T)
-        z = jax.scipy.linalg.solve_triangular(R.T, grad, lower=True)
-        p = -jax.scipy.linalg.solve_triangular(R, z, lower=False)
-        dec = z @ z
-        gnorm = jnp.linalg.norm(grad)
-
-        def ls_cond(state):
-            _, k, accepted = state
-            return (~accepted) & (k < _LS_MAX)
-
-        def ls_body(state):
-            step, k, _ = state
-            o, gr, _, ok, _ = evaluate(lam + step * p)
-            armijo = o <= obj - _ARMIJO * step * dec
-            resid = jnp.linalg.norm(gr) <= (1 - _ARMIJO * step) * gnorm
-            accepted = ok & (armijo | resid)
-            return jnp.where(accepted, step, 0.5 * step), k + 1, accepted
-
-        finite_p = jnp.all(jnp.isfinite(p))
-        # A trust region on ‖Δη‖∞: at small α the first Newton step is ~1/g(θ0) in η, far past
-        # where R* is finite or accurate; the line search starts inside the region, which
-        # doubles after every step taken in full (η travels ~log(1/α) or ~α^{2-L} in all).
-        reach = jnp.max(jnp.abs(A.T @ p))
-        step0 = jnp.where(reach > tau, tau / jnp.where(reach > 0, reach, 1.0), 1.0)
-        step, _, accepted = jax.lax.while_loop(ls_cond, ls_body, (step0.astype(A.dtype), 0, ~finite_p))
-        accepted = accepted & finite_p
-        tau = jnp.where(accepted, jnp.where(step == step0, 2 * tau, jnp.maximum(step * reach, tau / 2)), tau)
-        lam_new = jnp.where(accepted, lam + step * p, lam)
-        o, gr, gg, _, fl = evaluate(lam_new)
-        status = jnp.where(~finite_p, NONFINITE, classify(gr, fl, accepted))
-        return it + 1, lam_new, o, gr, gg, fl, tau, status.astype(jnp.int32)
-
-    lam = jnp.zeros(A.shape[0], A.dtype)
-    obj, grad, g, ok, floor = evaluate(lam)
-    status = jnp.where(~ok, NONFINITE, classify(grad, floor, True)).astype(jnp.int32)
-    tau = jnp.ones((), A.dtype)
-    it, lam, _, grad, _, _, _, status = jax.lax.while_loop(
-        cond, body, (0, lam, obj, grad, g, floor, tau, status))
-    status = jnp.where(status < 0, MAX_STEPS, status).astype(jnp.int32)
-    eta = eta0 + A.T @ lam
-    theta, _, rstar = geom.dual_terms(eta)
-    _, _, rstar0 = geom.dual_terms(eta0)
-    bregman = jnp.sum(theta * (eta - eta0)) - (rstar - rstar0)
-    lo, hi = geom.eta_bounds
-    gap = jnp.minimum(hi - eta, eta - lo)
-    return theta, eta, gap, lam, bregman, it, status
-
-
-_signed_dual_newton_jit = eqx.filter_jit(_signed_dual_newton)
+# Signed networks θ = θ⁺ − θ⁻: the product problem on [X, −X] from the stacked halves.
 
 
 def _check_signed_data(X, y, u0, model="signed"):
@@ -789,22 +726,19 @@ def _check_signed_data(X, y, u0, model="signed"):
 def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int = 200):
     """The limit of the signed flow on interpolating least squares: argmin {D_R(θ, θ0) : Xθ = y}.
 
-    The same point is the limit of the product problem on [X, −X] from the stacked halves:
-    halves without ties are solved that way, by [`ddln_jax.implicit_bias_limit`][] (any α down
-    to 1e-16). Halves with balanced (half-line) coordinates — Woodworth's init — are solved by
-    Newton's method on the d-dimensional dual min_λ R*(∇R(θ0) + Xᵀλ) − λ·y, R*(η) =
-    Q⁺*(η) + Q⁻*(c − η) (docs/math.md, "Signed models"), with a trust region on ‖Δη‖∞ and a
-    backtracking line search that keeps η where R* is finite: L = 2 converges down to α = 1e-16;
-    for L ≥ 3, η ends near the face of the dual box (|η| ≈ α^{2−L}/(L−2)), where θ = ∇R*(η)
-    keeps only eps·|η|·g of accuracy, and small inits end with status `inaccurate` (measured:
-    L = 3, residual 9e-12 at α = 1e-4 and 7e-9 at 1e-8; L = 4, 2e-8 at 1e-4), never a silent
-    wrong point. Tied and untied layers have the same limit.
+    The signed flow from halves (u⁺, u⁻) is the product flow on the design [X, −X] from the
+    stacked layers [u⁺ | u⁻] (docs/math.md, "Signed models"): θ = θ'⁺ − θ'⁻, and
+    η = ∇R(θ) is the + half's dual variable. So the limit is [`ddln_jax.implicit_bias_limit`][]
+    of that problem, with its robustness: every kind of half-coordinate (untied, balanced —
+    Woodworth's init w±(0) = α, Azulay's shape–scale init —, frozen), any depth, α from 1e-16
+    up, to full float64 accuracy (near a face the gap is carried exactly). Tied and untied
+    layers have the same limit.
 
     **Arguments:**
 
     - `X`: design matrix, shape `(n, d)`; `y`: targets in range(X), shape `(n,)`.
     - `u0`: the layers, shape `(2, L, d)`, or `(B, 2, L, d)` for a batch.
-    - `rtol`: target relative residual ‖Xθ − y‖/‖y‖.
+    - `rtol`: relative accuracy of the stacked (θ⁺, θ⁻) (the next Newton correction).
     - `max_iter`: Newton step budget.
 
     **Returns:** a [`ddln_jax.ImplicitBias`][] (θ∞, η∞ = ∇R(θ∞), its distance `gap` to the
@@ -815,35 +749,15 @@ def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int =
     check_signed_geometry(u0, "u0", "the implicit-bias limit")
     rtol = positive_scalar("rtol", rtol)
     max_iter = positive_int("max_iter", max_iter)
-    dtype = jnp.result_type(X.dtype, y.dtype, u0.dtype)
-    check_tolerance("rtol", rtol, dtype)
-    # Halves without ties: the product problem on [X, −X] from the stacked halves has the same
-    # limit, and its trust-region solver converges at any scale (this line search does not at
-    # small α); balanced (half-line) halves stay here.
-    stacked = jnp.concatenate([jnp.asarray(u0)[..., 0, :, :], jnp.asarray(u0)[..., 1, :, :]], axis=-1)
-    if all(check_assumption_a(np.asarray(u)).holds for u in stacked.reshape(-1, *stacked.shape[-2:])):
-        d = X.shape[1]
-        r = implicit_bias_limit(jnp.concatenate([X, -X], axis=1), y, stacked, rtol=rtol,
-                                max_iter=max_iter)
-        # η' = (∇Q⁺(θ⁺), ∇Q⁻(θ⁻)) = (η, c − η); R* is finite where both halves are.
-        return ImplicitBias(
-            theta=r.theta[..., :d] - r.theta[..., d:], eta=r.eta[..., :d],
-            gap=jnp.minimum(r.gap[..., :d], r.gap[..., d:]), multiplier=r.multiplier,
-            bregman=r.bregman, residual=r.residual, iterations=r.iterations, status=r.status,
-        )
-    U, s, Vt, b = _row_space(X, y)
-    A, b = jnp.asarray(Vt, dtype), jnp.asarray(b, dtype)
-    run = lambda u: _signed_dual_newton_jit(A, b, u.astype(dtype), jnp.asarray(rtol, dtype), max_iter)
-    if u0.ndim == 3:
-        out = run(u0)
-    else:
-        outs = [run(u) for u in u0]
-        out = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
-    theta, eta, gap, lam, bregman, it, status = out
-    multiplier = jnp.asarray((np.asarray(lam) / s) @ U.T, dtype)
-    Xf, yf = np.asarray(X, np.float64), np.asarray(y, np.float64)
-    res = np.linalg.norm(np.asarray(theta) @ Xf.T - yf, axis=-1)
-    ynorm = np.linalg.norm(yf)
-    residual = jnp.asarray(res / ynorm if ynorm > 0 else res, dtype)
-    return ImplicitBias(theta=theta, eta=eta, gap=gap, multiplier=multiplier, bregman=bregman,
-                        residual=residual, iterations=it, status=status_item(status))
+    d = X.shape[1]
+    u0 = jnp.asarray(u0)
+    stacked = jnp.concatenate([u0[..., 0, :, :], u0[..., 1, :, :]], axis=-1)
+    r = implicit_bias_limit(jnp.concatenate([jnp.asarray(X), -jnp.asarray(X)], axis=1), y, stacked,
+                            rtol=rtol, max_iter=max_iter)
+    # η' = (∇Q⁺(θ⁺), ∇Q⁻(θ⁻)) = (η, c − η); R* is finite where both halves are. D_Q' of the
+    # stacked problem is D_R (the + and − terms of ⟨θ', η' − η0'⟩ combine into ⟨θ, η − η0⟩).
+    return ImplicitBias(
+        theta=r.theta[..., :d] - r.theta[..., d:], eta=r.eta[..., :d],
+        gap=jnp.minimum(r.gap[..., :d], r.gap[..., d:]), multiplier=r.multiplier,
+        bregman=r.bregman, residual=r.residual, iterations=r.iterations, status=r.status,
+    )
