@@ -732,7 +732,8 @@ def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int =
     of that problem, with its robustness: every kind of half-coordinate (untied, balanced —
     Woodworth's init w±(0) = α, Azulay's shape–scale init —, frozen), any depth, α from 1e-16
     up, to full float64 accuracy (near a face the gap is carried exactly). Tied and untied
-    layers have the same limit.
+    layers have the same limit. Works under `jax.jit`, `jax.vmap` and `jax.grad` as the product
+    limit does (derivatives by the implicit function theorem).
 
     **Arguments:**
 
@@ -745,9 +746,17 @@ def signed_implicit_bias_limit(X, y, u0, *, rtol: float = 1e-12, max_iter: int =
     edge of the domain of R*, the multiplier, D_R(θ∞, θ0), the residual, Newton steps, status).
     """
 
-    X, y, u0 = _check_signed_data(X, y, u0)
-    check_signed_geometry(u0, "u0", "the implicit-bias limit")
-    rtol = positive_scalar("rtol", rtol)
+    if not any(is_tracer(a) for a in (X, y, u0, rtol)):
+        X, y, u0 = _check_signed_data(X, y, u0)
+        check_signed_geometry(u0, "u0", "the implicit-bias limit")
+        rtol = positive_scalar("rtol", rtol)
+    else:  # under a transformation: shapes only (the product solver checks the rest)
+        X, y, u0 = jnp.asarray(X), jnp.asarray(y), jnp.asarray(u0)
+        if u0.ndim not in (3, 4) or u0.shape[-3] != 2 or X.ndim != 2:
+            raise ValueError(
+                f"`u0` of a signed network must have shape (2, L, d) or (B, 2, L, d) and `X` shape "
+                f"(n, d); got {u0.shape} and {X.shape}"
+            )
     max_iter = positive_int("max_iter", max_iter)
     d = X.shape[1]
     u0 = jnp.asarray(u0)

@@ -358,6 +358,22 @@ def test_every_kind_of_half_converges_at_any_scale(data):
         assert float(jnp.max(lim.residual)) <= 1e-12, L
 
 
+def test_limit_under_jit_and_grad(data):
+    """Under `jax.jit` the same limit (bit for bit); `jax.grad` of Σθ∞² in y (implicit function
+    theorem) against central differences, ≤ 1e-7 relative, for Woodworth's init (L = 3, α = 0.5)."""
+    X, y = data
+    u = woodworth_init(3, X.shape[1], 0.5)
+    eager = signed_implicit_bias_limit(X, y, u)
+    jitted = jax.jit(signed_implicit_bias_limit)(X, y, u)
+    assert jitted.status_name == "success"
+    np.testing.assert_array_equal(np.asarray(jitted.theta), np.asarray(eager.theta))
+    f = jax.jit(lambda y_: jnp.sum(signed_implicit_bias_limit(X, y_, u, rtol=1e-14).theta ** 2))
+    v = jnp.linspace(-1.0, 1.0, y.shape[0])
+    h = 1e-6
+    fd = float((f(y + h * v) - f(y - h * v)) / (2 * h))
+    assert abs(float(jax.grad(f)(y) @ v) - fd) <= 1e-7 * abs(fd)
+
+
 def test_woodworth_depth_two_converges_at_tiny_scales(data):
     """Balanced halves, L = 2 (hyperbolic entropy), α = 1e-4 down to 1e-16: the residual at
     rounding and the limit still moving toward the minimum-ℓ1 interpolator (like 1/log(1/α))."""

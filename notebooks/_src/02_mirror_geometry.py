@@ -105,7 +105,7 @@ plt.show()
 # %%
 th = np.asarray(grid)
 worst = {"legendre": 0.0, "fenchel": 0.0, "hessian": 0.0}
-for (name, L), o in out.items():
+for o in out.values():
     worst["legendre"] = max(worst["legendre"], np.max(np.abs(o["back"] - grid)) / 3.0)
     worst["fenchel"] = max(worst["fenchel"], np.max(np.abs(o["Q"] + o["Q_star"] - th * o["grad_Q"])
                                                      / np.maximum(np.abs(o["Q"]), 1)))
