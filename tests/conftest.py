@@ -1,3 +1,4 @@
+import gc
 import os
 
 # No persistent compilation cache: on the CPU backend, loading XLA executables that other
@@ -16,6 +17,20 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 import ddln_jax as dj  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop the compiled programs of a finished test module.
+
+    Every XLA CPU executable holds memory mappings; a pytest worker that keeps the thousands it
+    compiles over the suite approaches the kernel's limit (vm.max_map_count, 65530), where XLA
+    crashes inside a later compile (seen: a segfault in backend_compile_and_load). Fixtures
+    share compiled functions within a module; nothing is reused across modules.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
