@@ -105,7 +105,8 @@ def test_balanced_init_runs_on_every_formulation(lsq_problem):
     flows use the half-line geometry and agree with the layers."""
     u0 = dj.balanced_init(3, 30, 0.5)
     ts = TS[:5] / 2
-    runs = {f: dj.simulate(lsq_problem, u0, t1=3.0, ts=ts, formulation=f, rtol=1e-11, atol=1e-13)
+    runs = {f: dj.simulate(lsq_problem, u0, t1=3.0, ts=ts, formulation=f, rtol=1e-11, atol=1e-13,
+                           solver=dfx.Tsit5())  # not stiff: as in `_runs`
             for f in FORMULATIONS}
     for f in ("reduced", "mirror", "dual"):
         assert runs[f].status_name == "success", f
