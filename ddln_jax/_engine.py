@@ -34,6 +34,7 @@ from ._solution import (
     decide_status,
     finite_tree,
     locate_event,
+    rounding_bound,
 )
 from ._solvers import FlowField, natural_scale
 
@@ -306,16 +307,22 @@ def _iteration(config, data, carry):
     valid = done & (new_job < data.n_jobs)
     job = jnp.where(valid, new_job, 0)
 
+    def rounding(geom, field, z, theta, steps):
+        # The same bound as `simulate` (see `_solution.rounding_bound`).
+        sens = config.formulation.sensitivity(geom, field.to_state(z))
+        return rounding_bound(sens, theta, steps, data.rtol)
+
     def ending():
         theta_f, loss_f, _, _ = observe(new.geom, new.field, y_final)
+        bound = jax.vmap(rounding)(new.geom, new.field, y_final, theta_f, new.steps)
         fresh = jax.vmap(lambda j: _start(config, data, j))(job)
-        return theta_f, loss_f, fresh, observe(fresh.geom, fresh.field, fresh.y)
+        return theta_f, loss_f, bound, fresh, observe(fresh.geom, fresh.field, fresh.y)
 
-    theta_f, loss_f, fresh, obs0 = _lazy(jnp.any(done), ending)
+    theta_f, loss_f, bound, fresh, obs0 = _lazy(jnp.any(done), ending)
     finite = jnp.isfinite(loss_f) & jnp.all(jnp.isfinite(theta_f), axis=-1)
     status = decide_status(
         reached_end=success, event=crossed, max_steps=max_steps, failed=collapsed,
-        nonfinite_trials=new.nonfinite, final_ok=finite,
+        nonfinite_trials=new.nonfinite, final_ok=finite, accurate=bound <= 10 * data.rtol,
     )
     rows = jnp.where(done & active, new.job, out.loss.shape[0])
     put = lambda arr, val: arr.at[rows].set(val, mode="drop")

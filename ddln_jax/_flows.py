@@ -61,6 +61,11 @@ class AbstractFormulation(eqx.Module):
     def vector_field(self, t, y, args):
         """dy/dt; `args = (loss, geometry)`."""
 
+    def sensitivity(self, geom: Geometry, y):
+        """|y|·|dθ/dy| per coordinate: how far θ moves when the state is rounded (relative
+        error eps); None where θ keeps the state's relative precision (layers, w, θ)."""
+        return None
+
 
 class LayerFlow(AbstractFormulation):
     """u̇^j = −(∏_{k≠j} u^k) ⊙ ∇f(θ): the ground truth, valid for any init."""
@@ -152,6 +157,10 @@ class DualFlow(AbstractFormulation):
     def vector_field(self, t, y, args):
         loss, geom = args
         return -loss.grad(geom.grad_Q_star(y))
+
+    def sensitivity(self, geom, y):
+        # dθ/dη = g: near a box face |η| ≈ Φ(∞) is huge while θ = O(1).
+        return jnp.abs(y) * geom.metric_w(geom.phi_inv(y))
 
 
 FORMULATIONS: dict[str, type[AbstractFormulation]] = {

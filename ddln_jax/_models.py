@@ -167,6 +167,9 @@ class SignedDualFlow(AbstractFormulation):
         loss, geom = args
         return _scale(self, geom, -loss.grad(geom.grad_R_star(y)))
 
+    def sensitivity(self, geom, y):
+        return jnp.abs(y) * geom.metric_eta(y)  # dθ/dη = g⁺ + g⁻
+
 
 SIGNED_FORMULATIONS: dict[str, type[AbstractFormulation]] = {
     cls.name: cls for cls in (SignedLayerFlow, SignedReducedFlow, SignedMirrorFlow, SignedDualFlow)

@@ -24,6 +24,7 @@ from ._solution import (
     Trajectory,
     decide_status,
     event_root_finder,
+    rounding_bound,
     status_item,
 )
 from ._solvers import Auto, FlowField, Rodas4
@@ -53,7 +54,7 @@ class _Config(eqx.Module):
     batch: bool
 
 
-def _status(result, final_ok, nonfinite_trials, stop):
+def _status(result, final_ok, nonfinite_trials, stop, accurate=True):
     event = result == dfx.RESULTS.event_occurred
     if stop:
         # With explicit steps the only nonlinear solve is the event's root find; it fails to
@@ -67,7 +68,7 @@ def _status(result, final_ok, nonfinite_trials, stop):
     return decide_status(
         reached_end=reached, event=event, max_steps=max_steps,
         failed=~(reached | event | max_steps), nonfinite_trials=nonfinite_trials,
-        final_ok=final_ok,
+        final_ok=final_ok, accurate=accurate,
     )
 
 
@@ -112,6 +113,9 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
             out["bregman"] = geom_.bregman(theta_star, theta)
         if grad_integral:
             out["grad_integral"] = z[1]
+        sens = form.sensitivity(geom_, y)
+        if sens is not None:
+            out["sensitivity"] = jnp.max(sens)
         return out
 
     # Only adaptive controllers can reject a non-finite trial step and retry.
@@ -150,7 +154,13 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
     t_final = sol.ts[last]
     final_ok = jnp.all(jnp.isfinite(final["theta"])) & jnp.isfinite(final["loss"])
     saved = jnp.arange(n) < last
-    status = _status(sol.result, final_ok, sol.controller_state[2] if guarded else 0, config.stop)
+    accurate = True
+    rtol = getattr(controller, "rtol", None)
+    if "sensitivity" in ys and rtol is not None:
+        steps = sol.stats["num_accepted_steps"]
+        accurate = rounding_bound(final["sensitivity"], final["theta"], steps, rtol) <= 10 * rtol
+    status = _status(sol.result, final_ok, sol.controller_state[2] if guarded else 0, config.stop,
+                     accurate)
     if config.stop:
         # A threshold already met at t = 0 stops the run there (diffrax events need a sign
         # change, so the solve above ran on): as the engine does.

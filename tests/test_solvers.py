@@ -281,6 +281,33 @@ def test_w2_small_init_reaches_the_target_fast(w2_small):
     assert tsit5_result == dfx.RESULTS.max_steps_reached and float(t_stop) < 0.01 * float(t_event)
 
 
+def test_dual_formulation_says_when_its_state_cannot_carry_the_accuracy(w2_small):
+    """W2, L = 4, zero-first, rtol 1e-8, run to f − f* ≤ 1e-10 (f(θ0) − f*) by `simulate`,
+    against tight reduced runs. The reduced formulation (the default) ends `event` with the
+    global error of its tolerance (≤ 30 rtol; measured 10–16). At α = 3e-2 the dual one ends
+    `event` too, as accurate (≤ 30 rtol); at α = 1e-3 (|η| ≈ Φ(∞) = 1/α² near the face,
+    κ = |η|·g/|θ| ≈ 6e6) it ends `inaccurate`, and rightly: its θ is off by more than 100 rtol
+    (measured 530). On the engine too."""
+    loss = w2_small
+    rtol = 1e-8
+    kw = dict(t1=1e14, stop_ratio=1e-10)
+    err = lambda a, b: float(jnp.max(jnp.abs(a.theta_final - b.theta_final)) / jnp.max(jnp.abs(b.theta_final)))
+    for alpha, dual_status in ((3e-2, "event"), (1e-3, "inaccurate")):
+        u0 = dj.zero_first_init(4, 30, alpha)
+        dual = dj.simulate(loss, u0, formulation="dual", **kw)
+        red = dj.simulate(loss, u0, formulation="reduced", **kw)
+        ref = dj.simulate(loss, u0, formulation="reduced", rtol=1e-12, atol=1e-14, **kw)
+        assert red.status_name == "event" and err(red, ref) <= 30 * rtol
+        assert dual.status_name == dual_status
+        if dual_status == "event":
+            assert err(dual, ref) <= 30 * rtol
+        else:
+            assert err(dual, ref) > 100 * rtol
+    lanes = dj.simulate(loss, jnp.stack([dj.zero_first_init(4, 30, a) for a in (3e-2, 1e-3)]),
+                        formulation="dual", lanes=2, **kw)
+    assert list(lanes.status_name) == ["event", "inaccurate"]
+
+
 def test_dense_output_in_both_modes():
     """y' = Ay with eigenvalues −1, −30, −3000 from y0 = 1: Auto starts explicit and turns
     stiff, Rodas4 is stiff throughout; saves in between steps (each mode's interpolation)
