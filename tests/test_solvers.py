@@ -283,11 +283,11 @@ def test_w2_small_init_reaches_the_target_fast(w2_small):
 
 def test_dual_formulation_says_when_its_state_cannot_carry_the_accuracy(w2_small):
     """W2, L = 4, zero-first, rtol 1e-8, run to f − f* ≤ 1e-10 (f(θ0) − f*) by `simulate`,
-    against tight reduced runs. The reduced formulation (the default) ends `event` with the
-    global error of its tolerance (≤ 30 rtol; measured 10–16). At α = 3e-2 the dual one ends
-    `event` too, as accurate (≤ 30 rtol); at α = 1e-3 (|η| ≈ Φ(∞) = 1/α² near the face,
-    κ = |η|·g/|θ| ≈ 6e6) it ends `inaccurate`, and rightly: its θ is off by more than 100 rtol
-    (measured 530). On the engine too."""
+    against tight reduced runs. The reduced formulation (the default) ends `event` within the
+    global error of its tolerance (≤ 30 rtol; measured 0.1–0.2 rtol here, up to 10 rtol at
+    L = 3). At α = 3e-2 the dual one ends `event` too (≤ 30 rtol; measured 16); at α = 1e-3
+    (|η| ≈ Φ(∞) = 1/α² near the face, κ = |η|·g/|θ| ≈ 6e6) it ends `inaccurate`, and rightly:
+    its θ is off by more than 100 rtol (measured 530). On the engine too."""
     loss = w2_small
     rtol = 1e-8
     kw = dict(t1=1e14, stop_ratio=1e-10)
