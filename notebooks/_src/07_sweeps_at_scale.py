@@ -83,7 +83,7 @@ start = time.perf_counter()
 ds = dj.sweep(spec, out, progress=False)
 t_rest = time.perf_counter() - start
 print(f"shard 0/2: {t_shard:.1f} s ({n_chunks} chunk files); the rest: {t_rest:.1f} s")
-ds
+ds  # noqa: B018 (the cell shows the dataset)
 
 # %% [markdown]
 # ## The dataset
