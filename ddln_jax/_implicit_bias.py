@@ -22,7 +22,9 @@ Xᵀ = QR), by Newton's method: its gradient is A∇Q*(η) − b and its Hessian
   support end at |η_i| = Φ_i(∞) − γ_i with γ_i = O(1) and Φ_i(∞) ∝ α^{−(L−2)}: stored as η, γ
   would be lost to rounding. The solver carries γ alongside η, updates it by the step itself,
   and inverts the tail integral T(w) = Φ(∞) − Φ(w) = ∫_w^∞ dr/∏_j √(r² + δ_j) directly
-  (`_tail`, `_tail_inv`), so θ = ∇Q*(η) keeps full relative accuracy down to α = 1e-16.
+  (`_tail`, `_dual_to_w`), so θ = ∇Q*(η) keeps full relative accuracy down to α = 1e-16.
+  On the half-line of a balanced coordinate the gap is |w|^{−(L−2)}/(L−2), inverted in closed
+  form; frozen coordinates (θ_i ≡ 0) do not move.
 
 Stopping test: the θ-correction of the next Newton step, ‖g ⊙ Aᵀp‖, below `rtol`·‖θ‖ (then
 that step is taken: the error left is its square). Full Newton steps that stop shrinking the
