@@ -7,7 +7,7 @@ compared with a tight reduced-formulation reference (rtol 1e-12). Recorded per r
 `simulate` reports, the conditioning κ = max_i |η_i|·g_i / ‖θ‖∞ of θ = ∇Q*(η) at the end, the
 accepted steps N, the relative θ error (and the reduced formulation's at the same rtol), and the
 estimate κ·(1e-3·rtol + N·eps) that, above 10·rtol, turns `success`/`event` into `inaccurate`
-(`ddln_jax._solution.rounding_bound`).
+(`ddln_jax._solution.carries_accuracy`).
 
     PYTHONPATH=. python benchmarks/dual_rounding_bench.py
 """

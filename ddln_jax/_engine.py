@@ -31,10 +31,10 @@ from ._flows import AbstractFormulation, ReducedFlow
 from ._geometry import Geometry
 from ._solution import (
     NONFINITE_STREAK,
+    carries_accuracy,
     decide_status,
     finite_tree,
     locate_event,
-    rounding_bound,
 )
 from ._solvers import FlowField, natural_scale
 
@@ -307,22 +307,22 @@ def _iteration(config, data, carry):
     valid = done & (new_job < data.n_jobs)
     job = jnp.where(valid, new_job, 0)
 
-    def rounding(geom, field, z, theta, steps):
-        # The same bound as `simulate` (see `_solution.rounding_bound`).
+    def accurate(geom, field, z, theta, steps):
+        # The same decision as `simulate` (see `_solution.carries_accuracy`).
         sens = config.formulation.sensitivity(geom, field.to_state(z))
-        return rounding_bound(sens, theta, steps, data.rtol)
+        return carries_accuracy(sens, theta, steps, data.rtol)
 
     def ending():
         theta_f, loss_f, _, _ = observe(new.geom, new.field, y_final)
-        bound = jax.vmap(rounding)(new.geom, new.field, y_final, theta_f, new.steps)
+        ok = jax.vmap(accurate)(new.geom, new.field, y_final, theta_f, new.steps)
         fresh = jax.vmap(lambda j: _start(config, data, j))(job)
-        return theta_f, loss_f, bound, fresh, observe(fresh.geom, fresh.field, fresh.y)
+        return theta_f, loss_f, ok, fresh, observe(fresh.geom, fresh.field, fresh.y)
 
-    theta_f, loss_f, bound, fresh, obs0 = _lazy(jnp.any(done), ending)
+    theta_f, loss_f, accurate_f, fresh, obs0 = _lazy(jnp.any(done), ending)
     finite = jnp.isfinite(loss_f) & jnp.all(jnp.isfinite(theta_f), axis=-1)
     status = decide_status(
         reached_end=success, event=crossed, max_steps=max_steps, failed=collapsed,
-        nonfinite_trials=new.nonfinite, final_ok=finite, accurate=bound <= 10 * data.rtol,
+        nonfinite_trials=new.nonfinite, final_ok=finite, accurate=accurate_f,
     )
     rows = jnp.where(done & active, new.job, out.loss.shape[0])
     put = lambda arr, val: arr.at[rows].set(val, mode="drop")

@@ -22,9 +22,9 @@ from ._solution import (
     SAVEABLE,
     NonfiniteGuard,
     Trajectory,
+    carries_accuracy,
     decide_status,
     event_root_finder,
-    rounding_bound,
     status_item,
 )
 from ._solvers import Auto, FlowField, Rodas4
@@ -158,7 +158,7 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
     rtol = getattr(controller, "rtol", None)
     if "sensitivity" in ys and rtol is not None:
         steps = sol.stats["num_accepted_steps"]
-        accurate = rounding_bound(final["sensitivity"], final["theta"], steps, rtol) <= 10 * rtol
+        accurate = carries_accuracy(final["sensitivity"], final["theta"], steps, rtol)
     status = _status(sol.result, final_ok, sol.controller_state[2] if guarded else 0, config.stop,
                      accurate)
     if config.stop:
