@@ -165,6 +165,14 @@ def test_inverses_are_robust(L):
         # Where the dual is well conditioned, w is recovered exactly too.
         cond = inside & (np.abs(eta) < 0.5 * np.asarray(g.phi_inf))
         np.testing.assert_allclose(w2[cond], out["w"][cond], rtol=1e-12)
+        # Past the middle of the box w lives in the gap Φ(∞) − |η| (rounded to ~eps·Φ(∞)):
+        # w is recovered to that conditioning, |dw/w| ≈ |d gap/gap|/(L−2), not worse.
+        if L >= 3:
+            box = np.asarray(g.phi_inf)
+            tail = inside & ~cond & (out["w"] != 0)
+            bound = 8 * np.finfo(float).eps * box / (box - np.abs(eta)) + 1e-12
+            rel = np.abs(w2 - out["w"]) / np.where(tail, np.abs(out["w"]), 1.0)
+            assert np.all(rel[tail] <= bound[tail]), (low, rel[tail], bound[tail])
 
 
 def test_outside_the_box_is_infinite_not_nan():
