@@ -79,7 +79,7 @@ def carries_accuracy(sensitivity, theta, steps, rtol):
     `sensitivity` is |y|·|dθ/dy| per coordinate at the final state (None for formulations whose
     θ keeps the state's relative precision: layers, w, θ). With κ = max sensitivity / ‖θ‖∞,
     the estimate is κ·(1e-3·rtol + steps·eps): the integrator controls y relative to |y|, and
-    each step rounds it to eps·|y|. Measured on issue 8's W2 problem (dual formulation, L = 3, 4,
+    each step rounds it to eps·|y|. Measured on issue 8's W2 problem (dual formulation, L = 3…5,
     α = 3e-2…1e-3, rtol 1e-8 and 1e-10; benchmarks/results/dual_rounding_cpu.json): the error
     of θ was up to ~1e-3·κ·rtol, plus the rounding part. A run whose estimate exceeds 10·rtol —
     the global error the reduced formulation itself accumulates there at that rtol — is
