@@ -83,8 +83,8 @@ def solve(jac, c, r):
     ("reduced", "lsq"), ("mirror", "lsq"), ("dual", "lsq"), ("reduced", "logistic")])
 def test_low_rank_jacobian_and_woodbury_solve(formulation, loss_kind, monkeypatch):
     """The diag + low-rank factors equal jax.jacfwd of the scaled field, and the Woodbury
-    solve of (I − cJ)x = r equals a dense solve, to 1e-12, in both of its forms (K⁻¹ for
-    small n, an LU of K otherwise)."""
+    solve of (I − cJ)x = r equals a dense solve, to 1e-12, in its three forms (K⁻¹ by the
+    unrolled elimination for n ≤ 16, by LAPACK up to 32, an LU of K beyond)."""
     rng = np.random.default_rng(1)
     n, d, L = 3, 7, 3
     X = rng.standard_normal((n, d))
@@ -110,11 +110,47 @@ def test_low_rank_jacobian_and_woodbury_solve(formulation, loss_kind, monkeypatc
         x_ref = np.linalg.solve(A, np.asarray(r))
         with monkeypatch.context() as m:
             xs = [np.asarray(solve(jac, c, r))]
-            m.setattr(solvers, "_SMALL_K", 0)  # eager: the jitted solve would keep K⁻¹
+            # Eager (the jitted solve keeps its form): LAPACK's K⁻¹, then the LU.
+            m.setattr(solvers, "_ELIMINATE_K", 0)
+            xs.append(np.asarray(jac.factor(c).solve(r)))
+            m.setattr(solvers, "_SMALL_K", 0)
             xs.append(np.asarray(jac.factor(c).solve(r)))
         for x in xs:
             assert np.linalg.norm(x - x_ref) <= 1e-12 * np.linalg.cond(A) * np.linalg.norm(x_ref)
             assert np.linalg.norm(A @ x - r) <= 1e-12 * np.linalg.norm(A) * np.linalg.norm(x)
+
+
+def test_elimination_falls_back_to_pivoting_per_lane():
+    """Under jax.vmap, a lane whose K has a zero leading pivot (a weight pq/M < 0: the step
+    passes a growing coordinate's 1/e) gets the pivoted inverse, the lanes beside it the
+    elimination; every lane's solve equals a dense solve to 1e-12 relative."""
+    rng = np.random.default_rng(3)
+    n, d = 3, 6
+    X = np.zeros((n, d))
+    X[0, :2] = 1.0  # K_00 = 1 + c h (w_0 + w_1): 0 when w_0 + w_1 = −1/(c h)
+    X[1:, 2:] = rng.standard_normal((n - 1, d - 2))
+    X[0, 2:] = 0.1 * rng.standard_normal(d - 2)
+    h, c = np.full(n, 1.0 / n), 0.5
+    e_good = -rng.uniform(0.1, 1.0, d)  # decaying coordinates: M > 1, w > 0
+    e_bad = e_good.copy()
+    e_bad[0] = 4.0  # M_0 = 1 − 2 = −1, w_0 = −1
+    # M_1 such that Σ_k X_0k² / M_k = −1/(c h_0), so that K_00 = 0.
+    rest = np.sum(X[0, 2:] ** 2 / (1 - c * e_bad[2:]))
+    M1 = 1 / (-1 / (c * h[0]) + 1 - rest)
+    e_bad[1] = (1 - M1) / c
+    jac = lambda e: LowRankJacobian(e=jnp.asarray(e), p=jnp.ones(d), q=jnp.ones(d),
+                                    X=jnp.asarray(X), h=jnp.asarray(h))
+    E = np.stack([e_good, e_bad, e_good])
+    r = rng.standard_normal((3, d))
+    xs = jax.jit(jax.vmap(lambda e, rr: jac(e).factor(c).solve(rr)))(jnp.asarray(E), jnp.asarray(r))
+    M = 1 - c * e_bad
+    K00 = 1 + c * h[0] * np.sum(X[0] ** 2 / M)
+    assert abs(K00) < 1e-12 + 1e-3 * np.sum(np.abs(X[0] ** 2 / M))  # the elimination would fail
+    for e, rr, x in zip(E, r, np.asarray(xs)):
+        A = np.eye(d) - c * np.asarray(jac(e).as_matrix())
+        x_ref = np.linalg.solve(A, rr)
+        assert np.all(np.isfinite(x))
+        assert np.linalg.norm(x - x_ref) <= 1e-12 * np.linalg.cond(A) * np.linalg.norm(x_ref)
 
 
 def test_layer_formulation_falls_back_to_a_dense_jacobian():
