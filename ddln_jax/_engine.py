@@ -316,9 +316,18 @@ def _iteration(config, data, carry):
         theta_f, loss_f, _, _ = observe(new.geom, new.field, y_final)
         ok = jax.vmap(accurate)(new.geom, new.field, y_final, theta_f, new.steps)
         fresh = jax.vmap(lambda j: _start(config, data, j))(job)
-        return theta_f, loss_f, ok, fresh, observe(fresh.geom, fresh.field, fresh.y)
+        lanes = eqx.filter(_where_lanes(valid, fresh, new), eqx.is_array)
+        return (theta_f, loss_f, ok, observe(fresh.geom, fresh.field, fresh.y)), lanes
 
-    theta_f, loss_f, accurate_f, fresh, obs0 = _lazy(jnp.any(done), ending)
+    # The lanes pass through unchanged in the steps where no run ends (most of them): only
+    # the small per-lane results are zeros there, not a whole set of fresh lanes.
+    unchanged, static = eqx.partition(new, eqx.is_array)
+    shapes = jax.eval_shape(lambda: ending()[0])
+    (theta_f, loss_f, accurate_f, obs0), lanes = jax.lax.cond(
+        jnp.any(done), ending,
+        lambda: (jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), unchanged),
+    )
+    lanes = eqx.combine(lanes, static)
     finite = jnp.isfinite(loss_f) & jnp.all(jnp.isfinite(theta_f), axis=-1)
     status = decide_status(
         reached_end=success, event=crossed, max_steps=max_steps, failed=collapsed,
@@ -333,7 +342,6 @@ def _iteration(config, data, carry):
         steps=put(out.steps, new.steps), rejected=put(out.rejected, new.rejected),
         drift=put(out.drift, new.drift),
     )
-    lanes = _where_lanes(valid, fresh, new)
     lanes = eqx.tree_at(lambda l: l.job, lanes, jnp.where(done & ~valid, _PENDING, lanes.job))
     # A save time at t = 0 is recorded when the run starts.
     at_zero = valid & (data.ts[0] == 0)
