@@ -108,10 +108,11 @@ def test_interrupt_and_concurrent_sweep(reference, tmp_path):
         assert cli.main(["sweep", str(spec), "--out", str(out), "--quiet"]) == 2
     finally:
         os.kill(proc.pid, signal.SIGCONT)
+    n_at = len(list(chunks.glob("*.nc")))
     os.kill(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
-        pytest.skip("the sweep finished before the interrupt arrived")
+        pytest.skip(f"the sweep finished before the interrupt arrived ({n_at} chunks at the signal; {err[-500:]!r})")
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "ddln: interrupted; rerun to resume", err
     before = {p.name: p.stat().st_mtime_ns for p in chunks.glob("*.nc")}
     assert 1 <= len(before) < 60
