@@ -291,15 +291,38 @@ class _WoodburyFactor(AbstractFactor):
 
 
 def _coordinatewise(form: AbstractFormulation, geom: Geometry):
-    """(a, θ) with F(y) = −a(y) ⊙ ∇f(θ(y)), both coordinatewise; None for the layer flow."""
+    """y ↦ (a, θ, a′, θ′) with F(y) = −a(y) ⊙ ∇f(θ(y)), all coordinatewise; None for the
+    layer flow."""
     if form.name == "reduced":
-        # ∏_j √(w² + δ_j) over the gaps (1 when L = 1).
-        return (lambda w: jnp.prod(jnp.sqrt(w[None, :] ** 2 + geom.delta), axis=0)), geom.psi
+        return lambda w: _reduced_parts(w, geom.delta)
     if form.name == "mirror":
-        return geom.metric, (lambda th: th)
-    if form.name == "dual":
-        return jnp.ones_like, geom.grad_Q_star
-    return None
+        a_fn, theta_fn = geom.metric, (lambda th: th)
+    elif form.name == "dual":
+        a_fn, theta_fn = jnp.ones_like, geom.grad_Q_star
+    else:
+        return None
+    # The derivatives by one forward-mode pass with a ones tangent.
+    return lambda y: (lambda p, t: (*p, *t))(
+        *jax.jvp(lambda v: (a_fn(v), theta_fn(v)), (y,), (jnp.ones_like(y),)))
+
+
+def _reduced_parts(w, delta):
+    """a = ∏_j √(w² + δ_j) (1 when L = 1), θ = ψ(w) = w·a and their derivatives in closed
+    form: a′ = Σ_j (w / √(w² + δ_j)) ∏_{k≠j} √(w² + δ_k), θ′ = a + w·a′. (The JVP of
+    `jnp.prod` forms the products of all factors but one with cumulative products: several
+    times the work, in a part of every stiff step.)"""
+    f = jnp.sqrt(w[None, :] ** 2 + delta)
+    m = f.shape[0]
+    before = [jnp.ones_like(w)]
+    for j in range(m):
+        before.append(before[-1] * f[j])
+    after = jnp.ones_like(w)
+    da = jnp.zeros_like(w)
+    for j in reversed(range(m)):
+        da = da + (w / f[j]) * before[j] * after
+        after = after * f[j]
+    a = before[m]
+    return a, w * a, da, a + w * da
 
 
 def _hessian_weights(loss, theta):
@@ -352,7 +375,8 @@ class FlowField(eqx.Module):
 
         For every coordinatewise formulation (reduced, mirror, dual) F(y) = −a(y) ⊙ ∇f(θ(y)),
         so ∂F/∂y = −diag(a′ ⊙ ∇f) − diag(a) ∇²f(θ) diag(θ′) (a′, θ′ the coordinatewise
-        derivatives, one `jax.jvp` with a ones tangent), and with ∇²f = Xᵀ diag(h) X for
+        derivatives: in closed form for the reduced flow, by one `jax.jvp` with a ones
+        tangent otherwise), and with ∇²f = Xᵀ diag(h) X for
         f = ℓ(Xθ) (`LeastSquares`, `Logistic`) that is a `LowRankJacobian` when n < d; in
         scaled variables J = diag(1/s) ∂F/∂y diag(s). Other losses, n ≥ d, and the layer
         formulation get a dense `jax.jacfwd` Jacobian.
@@ -362,15 +386,11 @@ class FlowField(eqx.Module):
         pair = _coordinatewise(form, geom)
         shape = jnp.shape(z)
         if pair is not None and len(shape) == 1:
-            a_fn, theta_fn = pair
             scale = jnp.broadcast_to(self.scale, shape).astype(z.dtype)
             y = z * scale
-            theta = theta_fn(y)
+            a, theta, da, dtheta = pair(y)
             hw = _hessian_weights(loss, theta)
             if hw is not None and loss.X.shape[0] < loss.X.shape[1]:
-                (a, theta), (da, dtheta) = jax.jvp(
-                    lambda y_: (a_fn(y_), theta_fn(y_)), (y,), (jnp.ones_like(y),)
-                )
                 grad = loss.grad(theta)
                 return LowRankJacobian(
                     e=-da * grad, p=a / scale, q=dtheta * scale, X=loss.X.astype(z.dtype), h=hw

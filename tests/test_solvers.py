@@ -120,6 +120,21 @@ def test_low_rank_jacobian_and_woodbury_solve(formulation, loss_kind, monkeypatc
             assert np.linalg.norm(A @ x - r) <= 1e-12 * np.linalg.norm(A) * np.linalg.norm(x)
 
 
+@pytest.mark.parametrize("L", [1, 2, 3, 5])
+def test_reduced_derivatives_in_closed_form(L):
+    """a = ∏_j √(w² + δ_j), θ = w·a and their derivatives equal forward-mode AD of the
+    product (to 1e-14), at w = 0 too, for one to four gaps."""
+    rng = np.random.default_rng(L)
+    d = 9
+    delta = jnp.asarray(np.sort(rng.uniform(0.0, 2.0, (L - 1, d)), axis=0))
+    w = jnp.asarray(np.concatenate([[0.0], rng.standard_normal(d - 1)]))
+    a_fn = lambda v: jnp.prod(jnp.sqrt(v[None, :] ** 2 + delta), axis=0)
+    (a, theta), (da, dtheta) = jax.jvp(lambda v: (a_fn(v), v * a_fn(v)), (w,), (jnp.ones_like(w),))
+    got = solvers._reduced_parts(w, delta)
+    for x, y in zip(got, (a, theta, da, dtheta)):
+        np.testing.assert_allclose(x, y, rtol=1e-14, atol=1e-14)
+
+
 def test_elimination_falls_back_to_pivoting_per_lane():
     """Under jax.vmap, a lane whose K has a zero leading pivot (a weight pq/M < 0: the step
     passes a growing coordinate's 1/e) gets the pivoted inverse, the lanes beside it the
