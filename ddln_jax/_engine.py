@@ -269,8 +269,9 @@ def _locate(config, data, lanes, crossed, event):
     return jax.vmap(one)(lanes, event)
 
 
-def _iteration(config, data, carry):
-    lanes, out = carry.lanes, carry.out
+def _advance(config, data, lanes, out):
+    """One step attempt of every lane and the saves it reaches; also the dense output of the
+    step (to locate a crossing) and which runs it ended: `(lanes, out, event, ends)`."""
     active = lanes.job >= 0
     observe = jax.vmap(lambda g, f, y: _observe(config, data, g, f, y))
     new, saved, crossed, event = jax.vmap(lambda l: _attempt(config, data, l))(lanes)
@@ -290,20 +291,32 @@ def _iteration(config, data, carry):
         (new.k + saved.astype(jnp.int32), jnp.where(saved, jnp.maximum(new.drift, drift), new.drift)),
     )
 
-    if config.stop:
-        t_ev, y_ev = _lazy(jnp.any(crossed), lambda: _locate(config, data, lanes, crossed, event))
-    else:
-        t_ev, y_ev = new.t, new.y
     success = active & (new.t >= data.t1) & (new.k >= config.n_save)
     max_steps = active & (new.budget >= data.max_steps)
     collapsed = active & (new.streak >= NONFINITE_STREAK)
     done = crossed | success | collapsed | max_steps | (new.job == _UNSTARTED)
+    ends = {"crossed": crossed, "success": success, "max_steps": max_steps,
+            "collapsed": collapsed, "done": done}
+    return new, out, event, ends
+
+
+def _finish(config, data, next_job, new, out, event, ends):
+    """Record the runs that ended (status, final values; the crossing located on the step's
+    dense output) and hand their lanes to the next runs of the queue."""
+    crossed, success, max_steps = ends["crossed"], ends["success"], ends["max_steps"]
+    collapsed, done = ends["collapsed"], ends["done"]
+    active = new.job >= 0
+    observe = jax.vmap(lambda g, f, y: _observe(config, data, g, f, y))
+    if config.stop:
+        t_ev, y_ev = _lazy(jnp.any(crossed), lambda: _locate(config, data, new, crossed, event))
+    else:
+        t_ev, y_ev = new.t, new.y
     t_final = jnp.where(crossed, t_ev, new.t)
     y_final = _where_lanes(crossed, y_ev, new.y)
 
     # Runs that ended hand their lanes to the next runs of the queue.
     order = jnp.cumsum(done.astype(jnp.int32), dtype=jnp.int32) - 1
-    new_job = carry.next_job + order
+    new_job = next_job + order
     valid = done & (new_job < data.n_jobs)
     job = jnp.where(valid, new_job, 0)
 
@@ -347,8 +360,8 @@ def _iteration(config, data, carry):
     at_zero = valid & (data.ts[0] == 0)
     out = _record(out, lanes.job, jnp.zeros_like(lanes.k), at_zero, obs0[0], obs0[1], obs0[2])
     lanes = eqx.tree_at(lambda l: l.k, lanes, jnp.where(at_zero, 1, lanes.k))
-    next_job = jnp.minimum(carry.next_job + jnp.sum(done, dtype=jnp.int32), data.n_jobs)
-    return Carry(lanes, out, next_job, carry.iterations + 1)
+    next_job = jnp.minimum(next_job + jnp.sum(done, dtype=jnp.int32), data.n_jobs)
+    return lanes, out, next_job
 
 
 def _empty(config, data):
@@ -375,11 +388,29 @@ def _empty(config, data):
 def engine_round(config: EngineConfig, data: EngineData, carry: Carry) -> Carry:
     """Up to `round_steps` iterations (fewer if every run ends)."""
     start = carry.iterations
+    left = lambda iterations: iterations - start < config.round_steps
+
+    def until_a_run_ends(c):
+        # The inner loop only steps (and saves); what happens when a run ends — its status,
+        # its final values, a fresh run in its lane — runs once after it, not in every step
+        # (a fifth of a 64-lane step otherwise).
+        def step(s):
+            lanes, out, iterations, _, _, _ = s
+            lanes, out, event, ends = _advance(config, data, lanes, out)
+            return lanes, out, iterations + 1, event, ends, jnp.zeros((), bool)
+
+        shapes = jax.eval_shape(lambda: _advance(config, data, c.lanes, c.out)[2:])
+        event, ends = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        lanes, out, iterations, event, ends, _ = jax.lax.while_loop(
+            lambda s: s[5] | (~jnp.any(s[4]["done"]) & left(s[2])),
+            step, (c.lanes, c.out, c.iterations, event, ends, jnp.ones((), bool)))
+        lanes, out, next_job = _finish(config, data, c.next_job, lanes, out, event, ends)
+        return Carry(lanes, out, next_job, iterations)
 
     def cond(c):
-        return jnp.any(c.lanes.job != _PENDING) & (c.iterations - start < config.round_steps)
+        return jnp.any(c.lanes.job != _PENDING) & left(c.iterations)
 
-    return jax.lax.while_loop(cond, lambda c: _iteration(config, data, c), carry)
+    return jax.lax.while_loop(cond, until_a_run_ends, carry)
 
 
 def _shard_map():
