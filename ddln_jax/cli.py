@@ -20,6 +20,21 @@ def _x64():
     jax.config.update("jax_enable_x64", True)
 
 
+def _cpu_devices(n: int) -> None:
+    """JAX gives a CPU one device (its lanes step on one core) unless told before it starts:
+    ask for n (at most one per core), so that `--devices n` runs n shares of the lanes in
+    parallel on a multi-core CPU. No effect on accelerators, nor once JAX has started (an
+    in-process call)."""
+    import os
+
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", min(n, os.cpu_count() or 1))
+    except RuntimeError:  # the backends already exist: they keep their devices
+        pass
+
+
 class _UsageError(Exception):
     """A bad command-line value (reported like argparse's own errors)."""
 
@@ -166,6 +181,8 @@ def sweep_cmd(args) -> int:
         # CPU-only hosts need a collectives backend for the gathers (GPUs use NCCL).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()
+    elif args.devices is not None and args.devices > 1:
+        _cpu_devices(args.devices)
     _x64()
     from ._plot import plot_sweep
     from ._sweep import summary, sweep
@@ -254,7 +271,8 @@ def _parser():
                    help="run the default sweep at a reduced size (a quick check)")
     p.add_argument("--lanes", type=_positive("--lanes"), help="lanes per device (overrides [engine] lanes)")
     p.add_argument("--devices", type=_positive("--devices"),
-                   help="number of devices (overrides [engine] devices)")
+                   help="number of devices (overrides [engine] devices); on a CPU, JAX is given "
+                   "this many (one per core)")
     p.add_argument("--shard", type=_shard, metavar="i/N",
                    help="compute only shard i of N (job arrays: N jobs into one --out; the last "
                    "one assembles)")

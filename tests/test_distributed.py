@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import xarray as xr
 from test_faults import TINY, toml
@@ -46,6 +47,25 @@ def test_four_shards_equal_one_process(single, tmp_path, monkeypatch):
     monkeypatch.setattr(_sweep, "run_queue", lambda *a, **k: pytest.fail("recomputed"))
     identical(dj.sweep(spec, out, progress=False), ref)  # a plain sweep assembles the shards'
     assert sorted(p.name for p in (out / "chunks").glob("*.nc")) == names
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core")
+def test_cli_devices_runs_on_the_cpu_cores(single, tmp_path):
+    """`ddln sweep --devices 2` on a CPU gives JAX two devices (one per core) and shares the
+    lanes between them: the one-device dataset, to 1e-10."""
+    ref, spec = single
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    res = subprocess.run([sys.executable, "-m", "ddln_jax.cli", "sweep", str(spec), "--out",
+                          str(out), "--devices", "2", "--quiet"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = dj.open_results(out)
+    assert two.attrs["devices"] == 2 and ref.attrs["devices"] == 1
+    for name in ["theta", "loss", "theta_final"]:
+        np.testing.assert_allclose(two[name].values, ref[name].values, rtol=1e-10, atol=1e-14,
+                                   err_msg=name)
+    assert np.array_equal(two.status.values, ref.status.values)
 
 
 def test_shards_share_the_directory_but_not_with_a_plain_sweep(single, tmp_path):
