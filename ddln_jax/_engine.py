@@ -13,7 +13,8 @@ interpolation, with the same root finder as `simulate`'s event, and every run's 
 from the same decision (`_solution.decide_status`); a failed run never stops the others. This
 module is a pure-JAX kernel; the host driver (queue order, padding, devices, progress) is
 `_batch.py`. The loop runs in rounds of `round_steps` steps so that the host can report
-progress.
+progress; inside a round, an inner loop steps the lanes until some run ends, and the
+bookkeeping of ended runs (status, final values, refill) runs once after it.
 """
 
 from __future__ import annotations
@@ -332,8 +333,8 @@ def _finish(config, data, next_job, new, out, event, ends):
         lanes = eqx.filter(_where_lanes(valid, fresh, new), eqx.is_array)
         return (theta_f, loss_f, ok, observe(fresh.geom, fresh.field, fresh.y)), lanes
 
-    # The lanes pass through unchanged in the steps where no run ends (most of them): only
-    # the small per-lane results are zeros there, not a whole set of fresh lanes.
+    # When no run ended (a round's step budget ran out) the lanes pass through unchanged:
+    # only the small per-lane results are zeros there, not a whole set of fresh lanes.
     unchanged, static = eqx.partition(new, eqx.is_array)
     shapes = jax.eval_shape(lambda: ending()[0])
     (theta_f, loss_f, accurate_f, obs0), lanes = jax.lax.cond(
@@ -392,8 +393,8 @@ def engine_round(config: EngineConfig, data: EngineData, carry: Carry) -> Carry:
 
     def until_a_run_ends(c):
         # The inner loop only steps (and saves); what happens when a run ends — its status,
-        # its final values, a fresh run in its lane — runs once after it, not in every step
-        # (a fifth of a 64-lane step otherwise).
+        # its final values, a fresh run in its lane — runs once after it, not in every step.
+        # (With the pass-through in `_finish`: a 64-lane batch of stiff runs, 1.30 → 1.05 s.)
         def step(s):
             lanes, out, iterations, _, _, _ = s
             lanes, out, event, ends = _advance(config, data, lanes, out)
