@@ -209,30 +209,20 @@ class LowRankJacobian(AbstractJacobian):
         floor = 1e-3
         M = jnp.where(jnp.abs(M) < floor, jnp.where(M < 0, -floor, floor), M)
         w = self.p * self.q / M
-        if n <= _ELIMINATE_K and n * n * d <= _KHATRI_RAO_SIZE:
+        if n <= _SMALL_K and n * n * d <= _KHATRI_RAO_SIZE:
             # S_ij = Σ_k X_ik X_jk w_k as one product with the rows X_i ⊙ X_j (fixed, shared
             # by a batch of lanes): under jax.vmap a matrix product, not one per lane.
             S = ((self.X[:, None, :] * self.X[None, :, :]).reshape(n * n, d) @ w).reshape(n, n)
         else:
             S = (self.X * w[None, :]) @ self.X.T
         K = jnp.eye(n, dtype=S.dtype) + c * self.h[:, None] * S
-        if n <= _ELIMINATE_K:
-            # With w = pq/M ≥ 0 and h ≥ 0, K is similar (by diag(h)^½) to I + a positive
-            # semidefinite matrix: every pivot of an elimination without row exchanges is ≥ 1,
-            # so it is stable. Unrolled, it is elementwise work that a batch of lanes shares
-            # (4× faster than one LAPACK call per lane for 64 lanes at n = 10). Lanes outside
-            # that case (a step past a growing coordinate's 1/e, a backward solve) take the
-            # pivoted inverse, computed only when some lane needs it.
-            similar = jnp.all(w >= 0) & jnp.all(self.h >= 0)
-            # (I where it is not: no division by a pivot near 0, also in a derivative.)
-            inv, pivot = _eliminate(jnp.where(similar, K, jnp.eye(n, dtype=K.dtype)))
-            safe = similar & (pivot >= 0.5)
-            pivoted = _when(~safe, lambda: jnp.linalg.inv(K), jnp.zeros_like(K))
-            return _WoodburyFactor(self, c, M, jnp.where(safe, inv, pivoted))
         if n <= _SMALL_K:
             # A small K is inverted once: the six solves of a step are then products, cheaper
-            # than six pairs of triangular solves (each a LAPACK call on a CPU).
-            return _WoodburyFactor(self, c, M, jnp.linalg.inv(K))
+            # than six pairs of triangular solves (each a LAPACK call on a CPU). With
+            # w = pq/M ≥ 0 and h ≥ 0, K is similar (by diag(h)^½) to I + a positive
+            # semidefinite matrix, so that a batch may invert it without row exchanges.
+            similar = jnp.all(w >= 0) & jnp.all(self.h >= 0)
+            return _WoodburyFactor(self, c, M, _small_inverse(K, similar))
         # LU, not jnp.linalg.inv: on a CPU inv(K) for n = 100 took 50 ms against 0.1 ms for
         # an LU and a solve (jax 0.10).
         return _WoodburyFactor(self, c, M, jsl.lu_factor(K))
@@ -249,8 +239,47 @@ class LowRankJacobian(AbstractJacobian):
 
 
 _SMALL_K = 32  # n up to which the Woodbury solve keeps K⁻¹ instead of an LU of K
-_ELIMINATE_K = 16  # n up to which K⁻¹ comes from the unrolled elimination (when it is safe)
+_ELIMINATE_K = 16  # n up to which a batch's K⁻¹ comes from the unrolled elimination (if safe)
 _KHATRI_RAO_SIZE = 1 << 22  # the most entries of the rows X_i ⊙ X_j that S is formed from
+
+
+@jax.custom_jvp
+def _small_inverse(K, similar):
+    """K⁻¹ for a small K; `similar`: K is similar to I + a positive semidefinite matrix.
+
+    One run: LAPACK's inverse. A batch (under `jax.vmap`): the lanes where `similar` holds
+    invert K by an elimination without row exchanges — every pivot is then ≥ 1, so it is
+    stable — unrolled into elementwise work that the lanes share (4× faster than one LAPACK
+    call per lane, for 64 lanes at n = 10); the other lanes (a step past a growing
+    coordinate's 1/e, a backward solve) get LAPACK's pivoted inverse, computed only when
+    some lane needs it. Only batches pay the unrolled elimination's compile time.
+    """
+    return _batched_inverse(K, similar)
+
+
+@_small_inverse.defjvp
+def _small_inverse_jvp(primals, tangents):
+    K, similar = primals
+    inv = _small_inverse(K, similar)
+    return inv, -inv @ tangents[0] @ inv
+
+
+@custom_vmap
+def _batched_inverse(K, similar):
+    return jnp.linalg.inv(K)
+
+
+@_batched_inverse.def_vmap
+def _batched_inverse_rule(axis_size, in_batched, K, similar):
+    if not in_batched[0] or K.shape[-1] > _ELIMINATE_K:
+        return jnp.linalg.inv(K), in_batched[0]
+    similar = jnp.broadcast_to(similar, (axis_size,))
+    eye = jnp.eye(K.shape[-1], dtype=K.dtype)
+    # (I where K is not similar: no division by a pivot near 0 in those lanes.)
+    inv, pivot = jax.vmap(_eliminate)(jnp.where(similar[:, None, None], K, eye))
+    safe = similar & (pivot >= 0.5)
+    pivoted = jax.lax.cond(jnp.all(safe), lambda: jnp.zeros_like(K), lambda: jnp.linalg.inv(K))
+    return jnp.where(safe[:, None, None], inv, pivoted), True
 
 
 def _eliminate(K):

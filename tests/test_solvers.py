@@ -79,12 +79,34 @@ def solve(jac, c, r):
     return jac.factor(c).solve(r)
 
 
+@eqx.filter_jit
+def batched(jac, c, r):
+    """Two lanes of the same solve, under jax.vmap (the batch form of K⁻¹)."""
+    return jax.vmap(lambda s: jac.factor(c * s).solve(r))(jnp.ones(2))
+
+
+@eqx.filter_jit
+def d_solve(jac, c, r):
+    return jax.jacfwd(lambda c_: jac.factor(c_).solve(r))(c)
+
+
+@eqx.filter_jit
+def d_batched(jac, c, r):
+    return jax.vmap(lambda s: jax.jacfwd(lambda c_: jac.factor(c_ * s).solve(r))(c))(jnp.ones(2))
+
+
+@eqx.filter_jit
+def d_inner(jac, c, r):
+    return jax.grad(lambda c_: r @ jac.factor(c_).solve(r))(c)
+
+
 @pytest.mark.parametrize(("formulation", "loss_kind"), [
     ("reduced", "lsq"), ("mirror", "lsq"), ("dual", "lsq"), ("reduced", "logistic")])
 def test_low_rank_jacobian_and_woodbury_solve(formulation, loss_kind, monkeypatch):
     """The diag + low-rank factors equal jax.jacfwd of the scaled field, and the Woodbury
-    solve of (I − cJ)x = r equals a dense solve, to 1e-12, in its three forms (K⁻¹ by the
-    unrolled elimination for n ≤ 16, by LAPACK up to 32, an LU of K beyond)."""
+    solve of (I − cJ)x = r equals a dense solve, to 1e-12, in its three forms (K⁻¹ by LAPACK
+    for small n, by the unrolled elimination in a batch, an LU of K for large n); so does its
+    derivative in c, d/dc (I − cJ)⁻¹r = (I − cJ)⁻¹ J (I − cJ)⁻¹ r, forward and reverse."""
     rng = np.random.default_rng(1)
     n, d, L = 3, 7, 3
     X = rng.standard_normal((n, d))
@@ -109,15 +131,18 @@ def test_low_rank_jacobian_and_woodbury_solve(formulation, loss_kind, monkeypatc
         A = np.eye(d) - c * np.asarray(dense)
         x_ref = np.linalg.solve(A, np.asarray(r))
         with monkeypatch.context() as m:
-            xs = [np.asarray(solve(jac, c, r))]
-            # Eager (the jitted solve keeps its form): LAPACK's K⁻¹, then the LU.
-            m.setattr(solvers, "_ELIMINATE_K", 0)
-            xs.append(np.asarray(jac.factor(c).solve(r)))
-            m.setattr(solvers, "_SMALL_K", 0)
+            xs = [np.asarray(solve(jac, c, r)), np.asarray(batched(jac, c, r)[1])]
+            m.setattr(solvers, "_SMALL_K", 0)  # eager: the jitted solve keeps K⁻¹
             xs.append(np.asarray(jac.factor(c).solve(r)))
         for x in xs:
             assert np.linalg.norm(x - x_ref) <= 1e-12 * np.linalg.cond(A) * np.linalg.norm(x_ref)
             assert np.linalg.norm(A @ x - r) <= 1e-12 * np.linalg.norm(A) * np.linalg.norm(x)
+        dx_ref = np.linalg.solve(A, np.asarray(dense) @ x_ref)
+        for dx in (np.asarray(d_solve(jac, c, r)), np.asarray(d_batched(jac, c, r)[1])):
+            assert np.linalg.norm(dx - dx_ref) <= 1e-11 * np.linalg.cond(A) ** 2 * np.linalg.norm(dx_ref)
+        v = np.asarray(dense) @ x_ref  # reverse mode: d/dc of ⟨r, x⟩
+        assert abs(float(d_inner(jac, c, r)) - r @ np.linalg.solve(A, v)) <= (
+            1e-11 * np.linalg.cond(A) ** 2 * np.linalg.norm(r) * np.linalg.norm(dx_ref))
 
 
 @pytest.mark.parametrize("L", [1, 2, 3, 5])
