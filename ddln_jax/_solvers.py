@@ -712,7 +712,7 @@ class Auto(dfx.AbstractAdaptiveSolver):
     the solver state, so every lane of a batch chooses its own; under `jax.vmap` a mode's step is
     computed only when some lane is in it — so in a batch whose lanes disagree (small-init runs
     switch at every saddle they leave) a step costs both kinds, and `Rodas4` alone is faster
-    (measured: 0.049 against 0.059 × 64 LSODA runs for 64 α values on two CPU cores). Dense
+    (measured: 0.051 against 0.064 × 64 LSODA runs for 64 α values on two CPU cores). Dense
     output: Tsit5's quartic in explicit steps, cubic Hermite in Rosenbrock steps (one
     `PolynomialInterpolation`).
     """
