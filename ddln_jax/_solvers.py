@@ -209,7 +209,7 @@ class LowRankJacobian(AbstractJacobian):
         floor = 1e-3
         M = jnp.where(jnp.abs(M) < floor, jnp.where(M < 0, -floor, floor), M)
         w = self.p * self.q / M
-        if n <= _SMALL_K and n * n * d <= _KHATRI_RAO_SIZE:
+        if n <= _ELIMINATE_K and n * n * d <= _KHATRI_RAO_SIZE:
             # S_ij = Σ_k X_ik X_jk w_k as one product with the rows X_i ⊙ X_j (fixed, shared
             # by a batch of lanes): under jax.vmap a matrix product, not one per lane.
             S = ((self.X[:, None, :] * self.X[None, :, :]).reshape(n * n, d) @ w).reshape(n, n)
@@ -240,7 +240,8 @@ class LowRankJacobian(AbstractJacobian):
 
 _SMALL_K = 32  # n up to which the Woodbury solve keeps K⁻¹ instead of an LU of K
 _ELIMINATE_K = 16  # n up to which a batch's K⁻¹ comes from the unrolled elimination (if safe)
-_KHATRI_RAO_SIZE = 1 << 22  # the most entries of the rows X_i ⊙ X_j that S is formed from
+# The most entries of the rows X_i ⊙ X_j that S is formed from (they are rebuilt every step).
+_KHATRI_RAO_SIZE = 1 << 20
 
 
 @jax.custom_jvp
