@@ -69,7 +69,7 @@ import scipy.integrate as si  # noqa: E402
 import ddln_jax as dj  # noqa: E402
 from ddln_jax._flows import as_formulation  # noqa: E402
 from ddln_jax._geometry import Geometry  # noqa: E402
-from ddln_jax._solvers import Auto, FlowField, Rodas4, natural_scale  # noqa: E402
+from ddln_jax._solvers import Auto, FlowField, Rodas4, Rodas5P, natural_scale  # noqa: E402
 
 RTOL, ATOL = 1e-8, 1e-10
 STOP = 1e-10  # f − f* ≤ STOP·(f(θ0) − f*)
@@ -434,7 +434,7 @@ def _timed(fn, repeats):
 def run_batch(B, n_lsoda, kind, repeats):
     """B α values (zero-first, L = 4) in one toolkit call, against LSODA runs: a plain
     `jax.vmap` of the solve (one device), and `simulate(..., lanes=…)` (the sweep engine)
-    on all of `jax.devices()` with the default `Auto` and with `Rodas4`."""
+    on all of `jax.devices()` with the default `Auto`, with `Rodas4` and with `Rodas5P`."""
     loss, f_star = problem(kind)
     n, d = loss.X.shape
     L = 4
@@ -463,6 +463,8 @@ def run_batch(B, n_lsoda, kind, repeats):
         "engine_auto": (f"simulate(lanes={lanes}) on {len(devices)} device(s), Auto", engine(Auto())),
         "engine_rodas4": (f"simulate(lanes={lanes}) on {len(devices)} device(s), Rodas4",
                           engine(Rodas4())),
+        "engine_rodas5p": (f"simulate(lanes={lanes}) on {len(devices)} device(s), Rodas5P",
+                           engine(Rodas5P())),
     }
     results = {}
     for name, (method, fn_) in methods.items():

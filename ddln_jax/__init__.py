@@ -24,10 +24,12 @@ from ._flows import (
     ReducedFlow as ReducedFlow,
 )
 from ._solvers import (
+    AbstractRosenbrock as AbstractRosenbrock,
     Auto as Auto,
     FlowField as FlowField,
     PolynomialInterpolation as PolynomialInterpolation,
     Rodas4 as Rodas4,
+    Rodas5P as Rodas5P,
     natural_scale as natural_scale,
 )
 from ._solution import Status as Status, Trajectory as Trajectory, status_names as status_names

@@ -27,7 +27,7 @@ from ._solution import (
     event_root_finder,
     status_item,
 )
-from ._solvers import Auto, FlowField, Rodas4
+from ._solvers import AbstractRosenbrock, Auto, FlowField
 from ._validate import (
     _short,
     as_float_array,
@@ -284,7 +284,7 @@ def simulate(
     - `model`: `"product"` (θ = ∏_j u^j, default), `"signed"` (θ = θ⁺ − θ⁻) or
       `"signed_tied"` (θ = w₊^L − w₋^L), or a model instance ([`ddln_jax.SignedModel`][]).
     - `solver`: a diffrax solver (default [`ddln_jax.Auto`][]: explicit Tsitouras 5(4) steps
-      while the flow is not stiff, the Rosenbrock method [`ddln_jax.Rodas4`][] with a
+      while the flow is not stiff, the Rosenbrock method [`ddln_jax.Rodas5P`][] with a
       structured linear solve once it is, as small initializations make it); any diffrax
       solver works, implicit ones included.
     - `rtol`, `atol`: tolerances of the default PID controller (default 1e-8/1e-10 in float64,
@@ -546,10 +546,11 @@ def simulate_jvp(loss, u0, du0, **kwargs) -> tuple[Trajectory, Trajectory]:
     forward mode (its while loop carries the tangents), and the two agree run by run.
     """
     lanes = kwargs.pop("lanes", None)
-    if lanes is not None and not isinstance(kwargs.get("solver", Auto()), (Auto, Rodas4)):
+    if lanes is not None and not isinstance(kwargs.get("solver", Auto()), (Auto, AbstractRosenbrock)):
         # diffrax's Runge–Kutta steps carry a custom VJP, which forward mode cannot enter.
         raise ValueError(
-            "forward mode on the lane engine (`lanes=`) supports the `Auto` and `Rodas4` solvers, "
+            "forward mode on the lane engine (`lanes=`) supports the `Auto`, `Rodas4` and `Rodas5P` "
+            "solvers, "
             f"got {type(kwargs['solver']).__name__}; drop `lanes` to use another solver"
         )
     du0 = as_float_array("du0", du0)

@@ -28,7 +28,7 @@ save_spacing = "linear"   # or "log": t = 0, then n_save - 1 times from t1·1e-4
 stop_ratio = 1e-6         # optional: stop when f − f* ≤ ε (f(θ0) − f*)
 rtol = 1e-8
 atol = 1e-10
-solver = "auto"           # "auto" | "rodas4" | "tsit5" | "dopri5" | "dopri8" | "bosh3" | "heun"
+solver = "auto"           # "auto" | "rodas4" | "rodas5p" | "tsit5" | "dopri5" | "dopri8" | "bosh3" | "heun"
 max_steps = 200000
 # method = "gd"           # "flow" (default) | "gd" | "momentum" | "adam": discrete runs
 # learning_rates = [0.01] # discrete methods: one `learning_rate` dimension
@@ -67,7 +67,7 @@ import numpy as np
 from ._flows import FORMULATIONS
 from ._init import INIT_SCHEMES
 from ._problems import PROBLEM_KINDS, data_digest, load_data
-from ._solvers import Auto, Rodas4
+from ._solvers import Auto, Rodas4, Rodas5P
 
 try:  # Python ≥ 3.11
     import tomllib
@@ -81,8 +81,9 @@ class SpecError(ValueError):
 
 # The names a spec may use, each next to what it names.
 SOLVERS: dict[str, type[dfx.AbstractSolver]] = {
-    "auto": Auto,  # Tsit5 while the flow is not stiff, Rodas4 once it is (simulate's default)
+    "auto": Auto,  # Tsit5 while the flow is not stiff, Rodas5P once it is (simulate's default)
     "rodas4": Rodas4,
+    "rodas5p": Rodas5P,
     "tsit5": dfx.Tsit5,
     "dopri5": dfx.Dopri5,
     "dopri8": dfx.Dopri8,

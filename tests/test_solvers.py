@@ -21,6 +21,7 @@ from ddln_jax._solvers import (
     FlowField,
     LowRankJacobian,
     Rodas4,
+    Rodas5P,
     natural_scale,
 )
 
@@ -222,12 +223,13 @@ def test_natural_scale_closed_forms():
 
 
 # ---------------------------------------------------------------------------------------------
-# Rodas4's order.
+# The Rosenbrock methods' orders.
 
 
-def test_rodas4_order_of_convergence():
+@pytest.mark.parametrize(("method", "order"), [(Rodas4, 4), (Rodas5P, 5)])
+def test_rosenbrock_order_of_convergence(method, order):
     """Constant steps on the reduced flow (L = 3, Woodbury Jacobian): the error at T falls
-    like h⁴ (least-squares fit of log error on log h)."""
+    like h⁴ for Rodas4 and h⁵ for Rodas5P (least-squares fit of log error on log h)."""
     loss = dj.LeastSquares(X_SMALL, Y_SMALL)
     u0 = jnp.asarray([[0.1, -0.2, 0.15, 0.05], [0.3, 0.25, -0.4, 0.2], [0.5, 0.6, 0.45, -0.35]])
     geom = Geometry(u0)
@@ -239,7 +241,7 @@ def test_rodas4_order_of_convergence():
 
     @jax.jit
     def solve(dt):
-        sol = dfx.diffeqsolve(dfx.ODETerm(field), Rodas4(), 0.0, T, dt, z0, args=(loss, geom),
+        sol = dfx.diffeqsolve(dfx.ODETerm(field), method(), 0.0, T, dt, z0, args=(loss, geom),
                               stepsize_controller=dfx.ConstantStepSize(), max_steps=512)
         return form.theta(geom, sol.ys[-1] * scale)
 
@@ -247,8 +249,29 @@ def test_rodas4_order_of_convergence():
     hs = T / np.array([16, 32, 64, 128])
     errs = np.array([np.linalg.norm(np.asarray(solve(h)) - ref) for h in hs])
     slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
-    assert 3.7 <= slope <= 4.6, (errs, slope)
+    assert order - 0.3 <= slope <= order + 0.6, (errs, slope)
     assert errs[-1] < 1e-8
+
+
+@pytest.mark.parametrize(("method", "order"), [(Rodas4, 4), (Rodas5P, 5)])
+def test_rosenbrock_order_on_a_time_dependent_field(method, order):
+    """y' = λ(y − g(t)) + g'(t), g = sin: the exact solution is g(t) + e^{λt}(y0 − g(0)). The
+    terms d_i h ∂f/∂t of the stages carry the time dependence: constant steps converge at the
+    method's order (dense Jacobian, λ = −2: no order reduction from stiffness)."""
+    lam, T, y0 = -2.0, 2.0, 1.5
+    term = dfx.ODETerm(lambda t, y, args: lam * (y - jnp.sin(t)) + jnp.cos(t))
+    exact = np.sin(T) + np.exp(lam * T) * y0
+
+    @jax.jit
+    def solve(dt):
+        sol = dfx.diffeqsolve(term, method(), 0.0, T, dt, jnp.asarray([y0]),
+                              stepsize_controller=dfx.ConstantStepSize(), max_steps=512)
+        return sol.ys[-1, 0]
+
+    hs = T / np.array([16, 32, 64, 128])
+    errs = np.array([abs(float(solve(h)) - exact) for h in hs])
+    slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
+    assert order - 0.3 <= slope <= order + 0.6, (errs, slope)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +413,8 @@ def test_dual_formulation_says_when_its_state_cannot_carry_the_accuracy(w2_small
 
 def test_dense_output_in_both_modes():
     """y' = Ay with eigenvalues −1, −30, −3000 from y0 = 1: Auto starts explicit and turns
-    stiff, Rodas4 is stiff throughout; saves in between steps (each mode's interpolation)
-    match expm(At)y0 to 1e-6."""
+    stiff, Rodas4 and Rodas5P are stiff throughout; saves in between steps (each mode's
+    interpolation) match expm(At)y0 to 1e-6."""
     rng = np.random.default_rng(0)
     Q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
     A = Q @ np.diag([-1.0, -30.0, -3000.0]) @ Q.T
@@ -399,7 +422,7 @@ def test_dense_output_in_both_modes():
     ts = np.linspace(0.05, 3.0, 40)
     exact = np.stack([scipy.linalg.expm(A * t) @ y0 for t in ts])
     term = dfx.ODETerm(lambda t, y, args: jnp.asarray(A) @ y)
-    for solver in (Auto(), Rodas4()):
+    for solver in (Auto(), Auto(rosenbrock=Rodas4()), Rodas4(), Rodas5P()):
         sol = eqx.filter_jit(dfx.diffeqsolve)(
             term, solver, 0.0, 3.0, None, jnp.asarray(y0),
             stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-10),
