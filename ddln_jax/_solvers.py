@@ -804,6 +804,13 @@ class Auto(dfx.AbstractAdaptiveSolver):
     interpolation_cls: ClassVar = PolynomialInterpolation
     rosenbrock: AbstractRosenbrock = Rodas5P()
 
+    def __check_init__(self):
+        if not isinstance(self.rosenbrock, AbstractRosenbrock):
+            raise TypeError(
+                "Auto: `rosenbrock` must be a ddln_jax Rosenbrock method (Rodas5P() or Rodas4()), "
+                f"got {self.rosenbrock!r}"
+            )
+
     def order(self, terms):
         # The error order the controller uses: the embedded estimate of Rodas4 is O(h⁴), of
         # Rodas5P O(h⁵); Tsit5's is O(h⁵).

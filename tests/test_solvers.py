@@ -253,6 +253,11 @@ def test_rosenbrock_order_of_convergence(method, order):
     assert errs[-1] < 1e-8
 
 
+def test_auto_refuses_a_stiff_method_it_cannot_step():
+    with pytest.raises(TypeError, match="rosenbrock.*Kvaerno5"):
+        Auto(rosenbrock=dfx.Kvaerno5())
+
+
 @pytest.mark.parametrize(("method", "order"), [(Rodas4, 4), (Rodas5P, 5)])
 def test_rosenbrock_order_on_a_time_dependent_field(method, order):
     """y' = λ(y − g(t)) + g'(t), g = sin: the exact solution is g(t) + e^{λt}(y0 − g(0)). The

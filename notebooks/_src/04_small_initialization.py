@@ -169,7 +169,7 @@ print("first-jump relative error:", {f"{a:g}": f"{e:.2%}" for a, e in err.items(
 # ## The stiff regime, handled without user intervention
 # At depth 4 and α = 1e-3 the plateau lasts ~10⁶ time units while the escape itself takes O(1):
 # an explicit method is held at its stability limit through the whole plateau. The default
-# solver (`dj.simulate(..., solver=None)`, i.e. Tsit5 switching to Rodas4 when it detects
+# solver (`dj.simulate(..., solver=None)`, i.e. Tsit5 switching to Rodas5P when it detects
 # stiffness) is compared with plain `diffrax.Tsit5()` on the same run, t ∈ [0, 1.5·T_escape],
 # with the same step budget (65 536).
 
