@@ -88,7 +88,7 @@ class LeastSquares(AbstractLoss):
         return 0.5 * jnp.mean(r**2)
 
     def grad(self, theta):
-        return self.X.T @ (self.X @ theta - self.y) / self.X.shape[0]
+        return (self.X @ theta - self.y) @ self.X / self.X.shape[0]
 
     @property
     def dim(self):
@@ -141,7 +141,7 @@ class Logistic(AbstractLoss):
 
     def grad(self, theta):
         margin = self.y * (self.X @ theta)
-        return -self.X.T @ (self.y * jax.nn.sigmoid(-margin)) / self.X.shape[0]
+        return -(self.y * jax.nn.sigmoid(-margin)) @ self.X / self.X.shape[0]
 
     @property
     def dim(self):

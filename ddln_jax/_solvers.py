@@ -194,7 +194,7 @@ class LowRankJacobian(AbstractJacobian):
     h: Float[Array, " n"]
 
     def matvec(self, v):
-        return self.e * v - self.p * (self.X.T @ (self.h * (self.X @ (self.q * v))))
+        return self.e * v - self.p * ((self.h * (self.X @ (self.q * v))) @ self.X)
 
     def as_matrix(self):
         low = (self.p[:, None] * self.X.T) @ (self.h[:, None] * self.X * self.q[None, :])
@@ -317,7 +317,7 @@ class _WoodburyFactor(AbstractFactor):
         z = r / self.M
         v = self.c * J.h * (J.X @ (J.q * z))
         s = jsl.lu_solve(self.K, v) if isinstance(self.K, tuple) else self.K @ v
-        return z - (J.p / self.M) * (J.X.T @ s)
+        return z - (J.p / self.M) * (s @ J.X)
 
 
 # ---------------------------------------------------------------------------------------------
