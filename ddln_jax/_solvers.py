@@ -234,11 +234,12 @@ class LowRankJacobian(AbstractJacobian):
     def cost_ratio(self, stages=6):
         n, d = self.X.shape
         # Products with X (4nd per field evaluation) run near memory speed; the n × n Gram
-        # matrix (2n²d) and the LU (⅔n³) are matrix-matrix work, about 8 times faster per flop
-        # on a CPU (measured: a Rodas4 step ≈ 1.9 Tsit5 steps at n = 100, d = 1000).
+        # matrix (2n²d) and the LU (⅔n³) are matrix-matrix work, about 3 times faster per flop
+        # on a CPU (measured, one core: a Rodas5P step costs 3.4, 6.1 and 12 Tsit5 steps at
+        # n = 30, 100 and 300, d = 1000; this model says 3.3, 5.5 and 12).
         f_eval = 4 * n * d + 30 * d
         solve = 4 * n * d + 2 * n**2
-        stiff = (2 * n**2 * d + 2 / 3 * n**3) / 8 + stages * solve + (stages + 1) * f_eval
+        stiff = (2 * n**2 * d + 2 / 3 * n**3) / 3 + stages * solve + (stages + 1) * f_eval
         return max(2.0, stiff / (6 * f_eval))
 
 
