@@ -194,6 +194,7 @@ class LowRankJacobian(AbstractJacobian):
     h: Float[Array, " n"]
 
     def matvec(self, v):
+        # (·) @ X for Xᵀ(·): see LeastSquares.grad.
         return self.e * v - self.p * ((self.h * (self.X @ (self.q * v))) @ self.X)
 
     def as_matrix(self):

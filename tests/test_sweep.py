@@ -112,10 +112,15 @@ def test_four_cpu_devices_give_the_same_results(tmp_path):
         one = dj.sweep(spec, progress=False, devices=jax.devices()[:1])
         four = dj.sweep(spec, progress=False, devices=jax.devices())
         assert four.attrs["devices"] == 4 and one.attrs["devices"] == 1
+        # One device and four run the lanes in different programs (plain and sharded), whose
+        # products round differently; the adaptive solve carries that rounding to about 1e-11
+        # of θ's scale (measured: 1.7e-11 in θ_final, at a coordinate of 0.016). So: agree to
+        # the spec's rtol (1e-10) relative to each quantity's scale.
         for name in ["theta", "loss", "time_to_eps", "theta_final", "bregman"]:
             a, b = one[name].values, four[name].values
             assert np.array_equal(np.isnan(a), np.isnan(b)), name
-            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=name)
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.nanmax(np.abs(b)),
+                                       err_msg=name)
         assert np.array_equal(one.status.values, four.status.values)
         # The sharded engine is compiled once per configuration, not once per call.
         from ddln_jax import _engine
