@@ -191,8 +191,8 @@ def reference(work: Workload, *, max_steps: int = 1 << 20) -> dict:
 
 def plain_vmap(work: Workload, *, rtol: float = RTOL, atol: float = ATOL) -> dict:
     """Baseline (b): `jax.vmap` over `diffrax.diffeqsolve` of the layer flow, Tsit5,
-    `PIDController(rtol, atol)` (what `ddln_jax.simulate` does with a batched `u0` and
-    `formulation="layer"`).
+    `diffrax.PIDController(rtol, atol)` (what `ddln_jax.simulate` does with a batched `u0`,
+    `formulation="layer"` and that solver and controller).
 
     The first call compiles (its time, minus the second's, is `compile_s`); the second,
     identical call is timed (`time_s`).
@@ -204,7 +204,8 @@ def plain_vmap(work: Workload, *, rtol: float = RTOL, atol: float = ATOL) -> dic
     **Returns:** dict with `theta`, `time_s`, `compile_s`, `first_call_s`, per-lane `steps`,
     `lane_efficiency` = Σ per-lane steps / (B · max steps), `status`.
     """
-    kw = dict(formulation="layer", solver=dfx.Tsit5(), rtol=rtol, atol=atol)
+    kw = dict(formulation="layer", solver=dfx.Tsit5(),
+              stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol))
     t0 = time.perf_counter()
     _simulate(work, **kw)
     first = time.perf_counter() - t0

@@ -13,9 +13,11 @@ depths L ∈ {3, 4}, zero-first (u¹ = 0, u^j = α) and Gaussian (α·N(0, 1)) i
 (`ddln_jax.natural_scale`, given to every method as a per-coordinate absolute tolerance). Side by
 side, in one process:
 
-- `toolkit`: the default stepper `ddln_jax.Auto` (explicit ⇄ Rosenbrock) on
-  `ddln_jax.FlowField` through `diffrax.diffeqsolve` with a stop event;
-- `tsit5`, `kvaerno5`: plain diffrax solvers on the same field (a step budget caps them);
+- `toolkit`: the default stepper `ddln_jax.Auto` (explicit ⇄ Rosenbrock) and the default
+  controller `ddln_jax.PredictiveController` on `ddln_jax.FlowField` through
+  `diffrax.diffeqsolve` with a stop event;
+- `tsit5`, `kvaerno5`: plain diffrax solvers with `diffrax.PIDController` on the same field
+  (a step budget caps them);
 - `lsoda`, `bdf`, `radau`: `scipy.integrate.solve_ivp` with the exact Jacobian (NumPy; a
   wall-clock budget per run, status `budget` when exceeded);
 - a batch of `--batch` α values log-spaced in [1e-3, 1e-2] (zero-first, L = 4) in one call:
@@ -117,7 +119,10 @@ def target_of(loss, f_star, u0):
 # JAX solvers (one compiled program per problem, depth and solver; α and the init are inputs).
 
 
-def jax_solver(loss, f_star, solver, max_steps, rtol=RTOL, atol=ATOL):
+def jax_solver(loss, f_star, solver, max_steps, rtol=RTOL, atol=ATOL,
+               controller=dj.PredictiveController):
+    """`controller`: the toolkit's default; plain diffrax rows pass `diffrax.PIDController`."""
+
     def solve(u0):
         geom = Geometry(u0)
         scale = natural_scale(FORM, geom, u0)
@@ -129,7 +134,7 @@ def jax_solver(loss, f_star, solver, max_steps, rtol=RTOL, atol=ATOL):
         sol = dfx.diffeqsolve(
             dfx.ODETerm(FlowField(FORM, scale)), solver, 0.0, T_MAX, None,
             FORM.initial_state(geom, u0) / scale, args=(loss, geom),
-            stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
+            stepsize_controller=controller(rtol=rtol, atol=atol), max_steps=max_steps,
             event=dfx.Event(cond_fn, root_finder=optx.Newton(rtol=1e-12, atol=1e-14)),
             throw=False,
         )
@@ -324,9 +329,11 @@ def main(argv=None):
                         "kvaerno5": max(budgets["kvaerno5"] // 400, 20)}
                     programs_of[kind, L] = ({
                         "toolkit": jax.jit(jax_solver(loss, f_star, Auto(), 200_000)),
-                        "tsit5": jax.jit(jax_solver(loss, f_star, dfx.Tsit5(), cap["tsit5"])),
+                        "tsit5": jax.jit(jax_solver(loss, f_star, dfx.Tsit5(), cap["tsit5"],
+                                                    controller=dfx.PIDController)),
                         "kvaerno5": jax.jit(jax_solver(loss, f_star, dfx.Kvaerno5(),
-                                                       cap["kvaerno5"])),
+                                                       cap["kvaerno5"],
+                                                       controller=dfx.PIDController)),
                         # Rodas5P: at rtol 1e-12 it needs about half the steps of Rodas4.
                         "reference": jax.jit(jax_solver(loss, f_star, Rodas5P(), 400_000,
                                                         rtol=1e-12, atol=1e-14)),

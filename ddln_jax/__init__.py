@@ -32,6 +32,7 @@ from ._solvers import (
     Rodas5P as Rodas5P,
     natural_scale as natural_scale,
 )
+from ._controller import PredictiveController as PredictiveController
 from ._solution import Status as Status, Trajectory as Trajectory, status_names as status_names
 from ._simulate import simulate as simulate, simulate_jvp as simulate_jvp
 from ._spec import SpecError as SpecError, SweepSpec as SweepSpec

@@ -1,7 +1,7 @@
 """The batch engine: many runs of one (depth, problem), with lanes kept busy.
 
 A plain `jax.vmap(diffeqsolve)` steps every lane until the slowest lane is done. Here each of
-`lanes` lanes steps its own run with a diffrax solver and PID controller (the same
+`lanes` lanes steps its own run with a diffrax solver and the default controller (the same
 `solver.step` / `controller.adapt_step_size` that `diffeqsolve` uses), and a lane whose run
 ends takes the next run from a queue. Runs are dealt hardest first (longest-processing-time
 scheduling), so the lanes run out of work at nearly the same time.
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._controller import PredictiveController
 from ._flows import AbstractFormulation, ReducedFlow
 from ._geometry import Geometry
 from ._solution import (
@@ -129,7 +130,7 @@ class Carry(eqx.Module):
 
 
 def _controller(data):
-    return dfx.PIDController(rtol=data.rtol, atol=data.atol)
+    return PredictiveController(rtol=data.rtol, atol=data.atol)
 
 
 def _observe(config, data, geom, field, z):

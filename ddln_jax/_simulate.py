@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._batch import run_queue
+from ._controller import PredictiveController
 from ._engine import EngineConfig, state_scale
 from ._flows import AbstractFormulation
 from ._geometry import geometry_problems
@@ -287,13 +288,15 @@ def simulate(
       while the flow is not stiff, the Rosenbrock method [`ddln_jax.Rodas5P`][] with a
       structured linear solve once it is, as small initializations make it); any diffrax
       solver works, implicit ones included.
-    - `rtol`, `atol`: tolerances of the default PID controller (default 1e-8/1e-10 in float64,
+    - `rtol`, `atol`: tolerances of the default controller ([`ddln_jax.PredictiveController`][]:
+      diffrax's PID controller that also shrinks the step after an accepted one when the error
+      grows along the solution; default 1e-8/1e-10 in float64,
       1e-5/1e-7 in float32); a relative tolerance below what the dtype delivers, or ≥ 1, is
       refused. The state is integrated in variables scaled by its natural scale
       ([`ddln_jax.natural_scale`][]), so `atol` is relative to the init's scale in every
       coordinate: the accuracy does not depend on α.
     - `dt0`: initial step (default: chosen by the controller; required for constant steps).
-    - `stepsize_controller`: any diffrax controller replacing the PID default (e.g.
+    - `stepsize_controller`: any diffrax controller replacing the default (e.g.
       `diffrax.ConstantStepSize()`); adaptive ones are wrapped in a guard that rejects
       non-finite trial steps and keeps their tolerances.
     - `max_steps`: step budget; a run that exhausts it has status `Status.max_steps`.
@@ -312,7 +315,7 @@ def simulate(
     - `lanes`: run a batch on the lane-refill engine with this many lanes instead of a plain
       `jax.vmap` (which steps every run until the slowest one ends). Much faster when the runs
       need very different numbers of steps. Host-driven (a queue), so not under `jax.jit`;
-      supports the default PID controller and `save=("bregman",)`. The result has the same
+      supports the default controller and `save=("bregman",)`. The result has the same
       structure, shapes and dtypes as the vmapped one; `stats["lane_efficiency"]` reports the
       share of busy lane-steps.
     - `devices`: with `lanes`, the devices to split the batch over (default: the first one).
@@ -366,7 +369,7 @@ def simulate(
         rtol = default_rtol if rtol is None else rtol
         atol = default_atol if atol is None else atol
         rtol, atol = check_tolerances(rtol, atol, dtype)
-        controller = dfx.PIDController(rtol=rtol, atol=atol)
+        controller = PredictiveController(rtol=rtol, atol=atol)
     else:
         if not isinstance(stepsize_controller, dfx.AbstractStepSizeController):
             raise TypeError(
@@ -424,7 +427,7 @@ def simulate(
                 "(or drop `lanes` to get a plain, traceable vmap)"
             )
         if stepsize_controller is not None or dt0 is not None:
-            raise ValueError("`lanes` runs the engine with its own PID controller: drop "
+            raise ValueError("`lanes` runs the engine with its own step-size controller: drop "
                              "`stepsize_controller`/`dt0`")
         if set(save) - {"bregman"}:
             raise ValueError(f"with `lanes`, `save` may only hold 'bregman', got {list(save)}")

@@ -706,7 +706,7 @@ class AbstractRosenbrock(dfx.AbstractAdaptiveSolver):
     `diffrax.ODETerm(FlowField(...))` the Jacobian comes from `FlowField.jacobian_factors`
     (Woodbury, O(n²d) per step for f = ℓ(Xθ) with n < d); on any other `ODETerm` it is a dense
     `jax.jacfwd` (fine for small states). Dense output: cubic Hermite. Use with an adaptive
-    controller (`diffrax.PIDController`) or constant steps.
+    controller ([`ddln_jax.PredictiveController`][], `diffrax.PIDController`) or constant steps.
     """
 
     term_structure: ClassVar = dfx.AbstractTerm
