@@ -23,9 +23,10 @@ class PredictiveController(dfx.AbstractAdaptiveStepSizeController):
     Why: where the local error grows along the solution faster than one step's worth (a
     small-init flow leaving a saddle accelerates), a plain controller never proposes a smaller
     step after an accepted one, so every accepted step is followed by a rejected one. Measured
-    with `ddln_jax.Auto` on the issue-8 workload: 66 → 18 rejected steps (36 → 30 ms) at
-    n = 100, d = 1000, L = 3; 336 → 25 at n = 10, d = 30, L = 4. Where the error does not
-    grow, the factor is ≥ 1 and the controller is the PID controller.
+    with `ddln_jax.Auto` on the issue-8 workload (`benchmarks/small_init_bench.py`): 66 → 18
+    rejected steps (36 → 30 ms) at n = 100, d = 1000, L = 3, α = 1e-2; 336 → 26 (32 → 18 ms)
+    at n = 10, d = 30, L = 4. Where the error changes only as the step does
+    (e_n / e_{n−1} ≤ (h_n / h_{n−1})^k), the factor is 1: the PID controller's step.
 
     `PredictiveController(rtol, atol, **options)`: `options` are `diffrax.PIDController`'s
     (`pcoeff`, `icoeff`, `safety`, `factormin`, `factormax`, `dtmin`, `dtmax`, `norm`, …).

@@ -126,7 +126,10 @@ def _solve(config: _Config, loss, u0, ts, t1, controller, dt0, target, theta_sta
 
         def cond_fn(t, y, args, **kwargs):  # diffrax passes the (scaled) state as `y`
             loss_, geom_ = args
-            return loss_(form.theta(geom_, state(y))) - target
+            # In the default float dtype: diffrax's root find pairs the value with a Python
+            # 0.0 in a `lax.cond`, so a float32 run under jax_enable_x64 failed to trace.
+            value = loss_(form.theta(geom_, state(y))) - target
+            return value.astype(jnp.result_type(float))
 
         event = dfx.Event(cond_fn, root_finder=event_root_finder())
 
@@ -552,9 +555,9 @@ def simulate_jvp(loss, u0, du0, **kwargs) -> tuple[Trajectory, Trajectory]:
     if lanes is not None and not isinstance(kwargs.get("solver", Auto()), (Auto, AbstractRosenbrock)):
         # diffrax's Runge–Kutta steps carry a custom VJP, which forward mode cannot enter.
         raise ValueError(
-            "forward mode on the lane engine (`lanes=`) supports the `Auto`, `Rodas4` and `Rodas5P` "
-            "solvers, "
-            f"got {type(kwargs['solver']).__name__}; drop `lanes` to use another solver"
+            "forward mode on the lane engine (`lanes=`) supports the `Auto`, `Rodas4` and "
+            f"`Rodas5P` solvers, got {type(kwargs['solver']).__name__}; drop `lanes` to use "
+            "another solver"
         )
     du0 = as_float_array("du0", du0)
     if np.shape(du0) != np.shape(u0):

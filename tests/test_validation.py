@@ -128,6 +128,14 @@ def test_float32_tolerance(small):
     # The float32 defaults are float32-sized and the run stays in float32.
     tr = dj.simulate(loss32, u0.astype(jnp.float32), t1=1.0, ts=jnp.linspace(0, 1, 3))
     assert tr.theta.dtype == jnp.float32 and tr.status_name == "success"
+    # A float32 run stopped at a loss threshold (under jax_enable_x64 this failed to trace):
+    # it stops where the float64 run does, to float32's tolerances (rtol 1e-5).
+    kw = dict(t1=100.0, stop_ratio=1e-3)
+    tr32 = dj.simulate(loss32, u0.astype(jnp.float32), **kw)
+    tr64 = dj.simulate(loss, u0, **kw)
+    assert tr32.status_name == tr64.status_name == "event"
+    assert tr32.theta_final.dtype == jnp.float32
+    assert abs(float(tr32.t_final) - float(tr64.t_final)) < 1e-4 * float(tr64.t_final)
 
 
 @pytest.mark.parametrize(
