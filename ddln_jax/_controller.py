@@ -83,7 +83,8 @@ class PredictiveController(dfx.AbstractAdaptiveStepSizeController):
         return keep, next_t0, next_t1, jump, (pid_state, h_prev, err_prev), result
 
     def _scaled_error(self, y0, y1, y_error):
-        # The PID controller's error measure, norm(e / (atol + rtol·max(|y0|, |y1|))).
+        # The PID controller's error measure, norm(e / (atol + rtol·max(|y0|, |y1|))). Computed
+        # again here (one norm per step) rather than read from diffrax's private state layout.
         def scale(a, b, e):
             b = jnp.where(jnp.isnan(b).any(), a, b)
             return e / (self.pid.atol + self.pid.rtol * jnp.maximum(jnp.abs(a), jnp.abs(b)))
