@@ -152,7 +152,7 @@ def two_losses():
     return jax.vmap(lambda w: _Blend(ls, lg, w))(ab)
 
 
-@pytest.mark.parametrize("L", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("L", [1, 2, 3, 5])  # L = 4 takes no path that 3 and 5 do not
 def test_four_formulations_agree(L, two_losses):
     """Layer, reduced, mirror, dual: one θ(t) to ≤ 1e-8 relative, on least squares and logistic,
     for Woodworth's (balanced halves), the shape–scale and a random init."""
