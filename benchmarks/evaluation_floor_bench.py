@@ -42,6 +42,9 @@ from ddln_jax._geometry import Geometry  # noqa: E402
 from ddln_jax._solvers import Auto, FlowField, Rodas5P, natural_scale  # noqa: E402
 
 LOOP = 2000  # evaluations per timed loop
+# Every JAX method runs with the toolkit's controller (`small_init_bench.jax_solver`'s default).
+SOLVERS = (("tsit5", dfx.Tsit5()), ("dopri5", dfx.Dopri5()), ("dopri8", dfx.Dopri8()),
+           ("auto", Auto()))
 
 
 def _best(fn, repeats):
@@ -100,8 +103,7 @@ def run_case(loss, f_star, L, init_kind, alpha, repeats, programs, compiled):
     t_lsoda = lsoda["time_s"]
     lsoda["evaluation_floor_over_lsoda"] = lsoda["nfev"] * costs["toolkit_field_s"] / t_lsoda
     methods = {"lsoda": lsoda}
-    for name, solver in (("tsit5", dfx.Tsit5()), ("dopri5", dfx.Dopri5()),
-                         ("dopri8", dfx.Dopri8()), ("auto", Auto())):
+    for name, solver in SOLVERS:
         r = B.run_jax(programs[L][name], jnp.asarray(u0), compiled=(L, name) in compiled,
                       repeats=repeats)
         compiled.add((L, name))
@@ -152,9 +154,7 @@ def main(argv=None):
     programs = {}
     for L in sorted({c[0] for c in cases}):
         programs[L] = {
-            name: jax.jit(B.jax_solver(loss, f_star, solver, 200_000))
-            for name, solver in (("tsit5", dfx.Tsit5()), ("dopri5", dfx.Dopri5()),
-                                 ("dopri8", dfx.Dopri8()), ("auto", Auto()))}
+            name: jax.jit(B.jax_solver(loss, f_star, solver, 200_000)) for name, solver in SOLVERS}
         programs[L]["reference"] = jax.jit(B.jax_solver(loss, f_star, Rodas5P(), 400_000,
                                                         rtol=1e-12, atol=1e-14))
     compiled = set()
